@@ -1,0 +1,114 @@
+"""ReadConfig: every knob of the READ side network, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from readapt.errors import ConfigError
+
+RNN_TYPES = ("gru", "lstm", "rnn")
+AGGREGATIONS = ("mean", "last")
+H0_MODES = ("zeros", "embeddings")
+STACK_NAMES = ("encoder", "decoder")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; allowed values: {', '.join(allowed)}")
+
+
+@dataclass
+class ReadConfig:
+    """Configuration of READ (REcurrent ADaptation).
+
+    One side network per adapted transformer stack: the frozen stack's per-layer outputs are
+    RMS-normalised, optionally projected d -> hidden_size, fed to an RNN that runs across the layers
+    (one sequence per token position), aggregated over layers, projected back to d (zero-initialised,
+    so an untrained model computes exactly what the backbone computes) and added to the stack's final
+    hidden state, scaled by ``scaling``.
+    """
+
+    hidden_size: int = 256
+    rnn_type: str = "gru"
+    num_rnn_layers: int = 1
+    # Project each layer's state d -> hidden_size before the RNN: fewer weights for wide backbones.
+    input_projection: bool = True
+    aggregation: str = "mean"
+    scaling: float = 1.0
+    h0: str = "zeros"
+    dropout: float = 0.0
+    # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
+    # gradients flow through the frozen decoder (more memory); it exists for ablations.
+    couple_encoder: bool = False
+    # Encoder-decoder only: the decoder side network attends over the corrected encoder output.
+    encoder_context: bool = True
+    # Which stacks to adapt: None means every stack the backbone has.
+    stacks: list[str] | None = None
+    # Backbone modules trained alongside READ (task heads). None: detect newly added heads
+    # (classifier / score / ...); [] trains READ alone.
+    head_modules: list[str] | None = None
+    # Recompute the side network during backward instead of keeping its activations: the RNN is
+    # tiny next to the backbone, and this keeps the training peak close to inference.
+    recompute: bool = True
+    rms_norm_eps: float = 1e-6
+    method: str = field(default="read", init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("rnn_type", self.rnn_type, RNN_TYPES)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("h0", self.h0, H0_MODES)
+        for name in ("hidden_size", "num_rnn_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise ConfigError(f"ReadConfig.scaling={self.scaling!r} is invalid; it must be a finite number")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ReadConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)")
+        if not isinstance(self.rms_norm_eps, (int, float)) or not self.rms_norm_eps > 0:
+            raise ConfigError(f"ReadConfig.rms_norm_eps={self.rms_norm_eps!r} is invalid; it must be > 0")
+        for name in ("input_projection", "couple_encoder", "encoder_context", "recompute"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ReadConfig.{name}={getattr(self, name)!r} is invalid; allowed values: true, false")
+        if self.stacks is not None:
+            if isinstance(self.stacks, str):
+                self.stacks = [self.stacks]
+            self.stacks = list(self.stacks)
+            if not self.stacks:
+                raise ConfigError("ReadConfig.stacks=[] is invalid; name at least one of: encoder, decoder (or None for all)")
+            for stack in self.stacks:
+                _choice("stacks", stack, STACK_NAMES)
+        if self.head_modules is not None:
+            if isinstance(self.head_modules, str) or not all(isinstance(m, str) for m in self.head_modules):
+                raise ConfigError("ReadConfig.head_modules must be a list of module names or None")
+            self.head_modules = list(self.head_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReadConfig:
+        data = dict(data)
+        method = data.pop("method", "read")
+        if method != "read":
+            raise ConfigError(f"adapter method {method!r} is not READ; load it with the matching method")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ReadConfig field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ReadConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

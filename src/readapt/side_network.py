@@ -1,0 +1,121 @@
+"""The READ side network: a small RNN that runs across the layers of one frozen transformer stack.
+
+Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
+
+    layer states φ_1..φ_N  (N, B, T, d)   frozen, no autograd history
+      -> RMS-normalise each φ_i (parameter-free, in place: the states are ours and never needed raw again)
+      -> optional input projection d -> r                      (Joiner)
+      -> RNN over the layer axis, one sequence per token      (N, B*T, r)
+         h0 = 0, or a projection of the embedding output φ_0,
+         plus, on a decoder, attention context over the corrected encoder output (Joiner)
+      -> aggregate over layers (mean or last)                  (B*T, r)
+      -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
+
+The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
+untrained side network changes nothing, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from readapt.config import ReadConfig
+
+_RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def rms_normalize_(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """In-place RMS normalisation of constant (no-grad) states; vector_norm avoids a squared copy."""
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
+    return x.div_(rms.square_().add_(eps).sqrt_())
+
+
+class EncoderContext(nn.Module):
+    """Joiner's cross-stack path: each decoder token attends (one head, width r) over the READ-corrected
+    encoder output, so the encoder's correction reaches the decoder without entering the backbone."""
+
+    def __init__(self, query_size: int, encoder_size: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.query = nn.Linear(query_size, hidden_size, bias=False)
+        self.key_value = nn.Linear(encoder_size, 2 * hidden_size, bias=False)
+
+    def forward(self, queries: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+        # queries (B, T, q), encoder_states (B, S, d_enc), encoder_mask (B, S) with 1 = real token.
+        key, value = self.key_value(rms_normalize(encoder_states, self.eps)).chunk(2, dim=-1)
+        mask = None if encoder_mask is None else encoder_mask[:, None, :].to(torch.bool)
+        return F.scaled_dot_product_attention(self.query(queries), key, value, attn_mask=mask)
+
+
+class ReadSideNetwork(nn.Module):
+    def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None):
+        """`encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context."""
+        super().__init__()
+        r = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.scaling = config.scaling
+        self.aggregation = config.aggregation
+        self.recompute = config.recompute
+        self.num_rnn_layers = config.num_rnn_layers
+        self.input_projection = nn.Linear(model_dim, r) if config.input_projection else None
+        rnn_input = r if config.input_projection else model_dim
+        self.h0_projection = nn.Linear(model_dim, r) if config.h0 == "embeddings" else None
+        self.encoder_context = EncoderContext(rnn_input, encoder_dim, r, self.eps) if encoder_dim else None
+        self.rnn = _RNN_CLASSES[config.rnn_type](
+            rnn_input, r, num_layers=config.num_rnn_layers,
+            dropout=config.dropout if config.num_rnn_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.up_projection = nn.Linear(r, model_dim)
+        nn.init.zeros_(self.up_projection.weight)
+        nn.init.zeros_(self.up_projection.bias)
+
+    def forward(
+        self,
+        layer_states: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+        encoder_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed)."""
+        rms_normalize_(layer_states, self.eps)
+        if embeddings is not None and self.h0_projection is not None:
+            embeddings = rms_normalize_(embeddings, self.eps)
+        args = (layer_states, embeddings, encoder_states, encoder_mask)
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # Keep only the (already alive) inputs; rebuild the RNN activations during backward.
+            return checkpoint(self._correction, *args, use_reentrant=False)
+        return self._correction(*args)
+
+    def _correction(self, layer_states, embeddings, encoder_states, encoder_mask) -> torch.Tensor:
+        n_layers, batch, tokens, model_dim = layer_states.shape
+        x = layer_states.view(n_layers, batch * tokens, model_dim)
+        if self.input_projection is not None:
+            x = self.input_projection(x)
+        x = self.dropout(x)
+
+        h0 = None
+        if self.h0_projection is not None:
+            h0 = self.h0_projection(embeddings.reshape(batch * tokens, model_dim))
+        if self.encoder_context is not None and encoder_states is not None:
+            # The decoder token's own top-layer state asks what it needs from the encoder.
+            queries = x[-1].view(batch, tokens, -1)
+            context = self.encoder_context(queries, encoder_states, encoder_mask).reshape(batch * tokens, -1)
+            h0 = context if h0 is None else h0 + context
+        if h0 is not None:
+            h0 = h0.unsqueeze(0).expand(self.num_rnn_layers, -1, -1).contiguous()
+            if isinstance(self.rnn, nn.LSTM):
+                h0 = (h0, torch.zeros_like(h0))
+
+        outputs, _ = self.rnn(x, h0)  # (N, B*T, r)
+        summary = outputs.mean(dim=0) if self.aggregation == "mean" else outputs[-1]
+        delta = self.up_projection(self.dropout(summary)) * self.scaling
+        return delta.view(batch, tokens, model_dim)
