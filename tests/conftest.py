@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random backbones of every supported family, and helpers to train READ a little."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 64
+FAMILIES = ["t5", "bart", "bert", "gpt2", "llama"]
+GENERATIVE = ["t5", "bart", "gpt2", "llama"]
+
+
+def tiny_backbone(kind: str, num_layers: int = 2, width: int = 32, seed: int = 0):
+    """A small random model of the given family, in eval mode."""
+    torch.manual_seed(seed)
+    if kind == "t5":
+        # transformers 5.24 generate() breaks when num_decoder_layers != num_layers (its cache is sized
+        # from num_layers), so the tiny T5 keeps the two equal.
+        config = T5Config(vocab_size=VOCAB, d_model=width, d_kv=8, d_ff=2 * width, num_layers=num_layers,
+                          num_decoder_layers=num_layers, num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                          eos_token_id=1)
+        model = T5ForConditionalGeneration(config)
+    elif kind == "bart":
+        config = BartConfig(vocab_size=VOCAB, d_model=width, encoder_layers=num_layers, decoder_layers=num_layers,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * width,
+                            decoder_ffn_dim=2 * width, max_position_embeddings=64, pad_token_id=1,
+                            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+        model = BartForConditionalGeneration(config)
+    elif kind == "bert":
+        config = BertConfig(vocab_size=VOCAB, hidden_size=width, num_hidden_layers=num_layers, num_attention_heads=4,
+                            intermediate_size=2 * width, max_position_embeddings=64, num_labels=3)
+        model = BertForSequenceClassification(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=num_layers, n_head=4, n_positions=64,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=0)
+        model = GPT2LMHeadModel(config)
+    elif kind == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             bos_token_id=0, eos_token_id=1, pad_token_id=0)
+        model = LlamaForCausalLM(config)
+    elif kind == "llama-cls":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, num_labels=2)
+        model = LlamaForSequenceClassification(config)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def make_batch(kind: str, batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Input ids (with right padding on the last row) and labels suited to the family's head."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, length - 2:] = 0
+    pad = 1 if kind == "bart" else 0
+    input_ids[-1, length - 2:] = pad
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if kind in ("t5", "bart"):
+        out["labels"] = torch.randint(3, VOCAB, (batch, 4), generator=g)
+    elif kind == "bert":
+        out["labels"] = torch.randint(0, 3, (batch,), generator=g)
+    elif kind == "llama-cls":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g)
+    else:
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        out["labels"] = labels
+    return out
+
+
+def train_steps(model, batch, steps: int = 5, lr: float = 0.05) -> list[float]:
+    """A few AdamW steps so that the correction is no longer zero; returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def generation_kwargs(kind: str) -> dict:
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "num_beams": 1}
+    if kind in ("gpt2", "llama"):
+        kwargs["pad_token_id"] = 0
+    return kwargs
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,180 @@
+"""The READ invariants (docs: ../shared/docs/READ_METHOD.md), on tiny random models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, GENERATIVE, generation_kwargs, make_batch, tiny_backbone, train_steps
+
+from readapt import ReadConfig, get_read_model
+
+SMALL = ReadConfig(hidden_size=16)
+
+
+class SavedTensorCounter:
+    """Counts tensors that autograd saves for backward, split by whether a module of a backbone stack (its
+    embeddings, layers, final norm) is running. The stack module itself is left out: READ's wrapper computes
+    the side network inside its call, after the frozen body has returned."""
+
+    def __init__(self, read_model):
+        self.depth = 0
+        self.inside_stack = 0
+        self.outside_stack = 0
+        self.handles = []
+        for stack in read_model.info.stacks:
+            for module in stack.module.modules():
+                if module is stack.module:
+                    continue
+                self.handles.append(module.register_forward_pre_hook(self._enter))
+                self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, *_):
+        self.depth += 1
+
+    def _leave(self, *_):
+        self.depth -= 1
+
+    def pack(self, tensor):
+        if self.depth > 0:
+            self.inside_stack += 1
+        else:
+            self.outside_stack += 1
+        return tensor
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _backward_with_counter(model, batch):
+    counter = SavedTensorCounter(model)
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            loss = model(**batch).loss
+    finally:
+        counter.close()
+    loss.backward()
+    return counter
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_backbone_never_gets_gradients_nor_keeps_activations(family, recompute):
+    model = get_read_model(tiny_backbone(family), ReadConfig(hidden_size=16, recompute=recompute))
+    batch = make_batch(family)
+    # Zero-initialised up-projections: gradients reach a whole side network after one step, and the encoder's
+    # (which feeds the decoder side network, itself zero at first) after two.
+    train_steps(model, batch, steps=3)
+    model.zero_grad(set_to_none=True)
+    counter = _backward_with_counter(model, batch)
+
+    head = {f"{name}." for name in model.head_module_names}
+    for name, param in model.backbone.named_parameters():
+        if any(name.startswith(prefix) for prefix in head):
+            assert param.requires_grad
+            continue
+        assert not param.requires_grad, name
+        assert param.grad is None, name
+    assert counter.inside_stack == 0, "the frozen stacks recorded autograd state"
+    assert counter.outside_stack > 0  # the side network / head did record: the counter works
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.read.parameters())
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_coupled_encoder_backpropagates_through_decoder_only(kind):
+    model = get_read_model(tiny_backbone(kind), ReadConfig(hidden_size=16, couple_encoder=True))
+    batch = make_batch(kind)
+    train_steps(model, batch, steps=1)
+    counter = _backward_with_counter(model, batch)
+    # Coupled mode is an ablation: the decoder now keeps activations, the encoder still does not.
+    assert counter.inside_stack > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.read["encoder"].up_projection.weight.grad.abs().sum() > 0
+
+
+def _all_outputs_equal(a, b) -> None:
+    for key in ("loss", "logits"):
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kind", [*FAMILIES, "llama-cls"])
+@pytest.mark.parametrize(
+    "config",
+    [SMALL, ReadConfig(hidden_size=8, rnn_type="lstm", h0="embeddings", aggregation="last", input_projection=False),
+     ReadConfig(hidden_size=8, rnn_type="rnn", num_rnn_layers=2, dropout=0.1, scaling=2.0)],
+    ids=["gru", "lstm-h0-last", "rnn-2layers"],
+)
+def test_untrained_read_equals_backbone(kind, config):
+    batch = make_batch(kind)
+    backbone = tiny_backbone(kind)
+    with torch.no_grad():
+        reference = backbone(**batch, output_hidden_states=True)
+    model = get_read_model(backbone, config)
+    model.eval()
+    with torch.no_grad():
+        output = model(**batch, output_hidden_states=True)
+    _all_outputs_equal(output, reference)
+    # hidden states handed back to the user are untouched by READ's in-place normalisation
+    key = "decoder_hidden_states" if kind in ("t5", "bart") else "hidden_states"
+    for ours, theirs in zip(output[key], reference[key], strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", GENERATIVE)
+def test_untrained_read_generates_the_backbone_tokens(kind):
+    backbone = tiny_backbone(kind)
+    input_ids = make_batch(kind)["input_ids"][:2]
+    reference = backbone.generate(input_ids=input_ids, **generation_kwargs(kind))
+    model = get_read_model(backbone, SMALL)
+    assert torch.equal(model.generate(input_ids=input_ids, **generation_kwargs(kind)), reference)
+
+
+def test_training_changes_outputs(family):
+    """Guards the tests above against a correction that is silently never applied."""
+    backbone = tiny_backbone(family)
+    batch = make_batch(family)
+    with torch.no_grad():
+        before = backbone(**batch).logits.clone()
+    model = get_read_model(backbone, SMALL)
+    losses = train_steps(model, batch, steps=8)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("kind", [*FAMILIES, "llama-cls"])
+def test_trainable_parameters_do_not_grow_with_depth(kind):
+    shallow = get_read_model(tiny_backbone(kind, num_layers=6), ReadConfig(hidden_size=16))
+    deep = get_read_model(tiny_backbone(kind, num_layers=24), ReadConfig(hidden_size=16))
+    assert shallow.get_nb_trainable_parameters()[0] == deep.get_nb_trainable_parameters()[0] > 0
+    assert shallow.get_nb_trainable_parameters()[1] < deep.get_nb_trainable_parameters()[1]
+
+
+@pytest.mark.parametrize("kind", GENERATIVE)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_kv_cache_equals_full_recompute(kind, num_beams):
+    model = get_read_model(tiny_backbone(kind), SMALL)
+    batch = make_batch(kind)
+    train_steps(model, batch, steps=5)
+    input_ids = batch["input_ids"][:2]
+    kwargs = {**generation_kwargs(kind), "num_beams": num_beams}
+    with_cache = model.generate(input_ids=input_ids, use_cache=True, **kwargs)
+    without_cache = model.generate(input_ids=input_ids, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without_cache)
+    # The corrections really act at every generated step: the scores differ from the bare backbone's.
+    scored = {"output_scores": True, "return_dict_in_generate": True, **generation_kwargs(kind)}
+    read_scores = model.generate(input_ids=input_ids, **scored).scores
+    backbone_scores = model.unload().generate(input_ids=input_ids, **scored).scores
+    assert all(not torch.allclose(ours, theirs) for ours, theirs in zip(read_scores, backbone_scores, strict=False))
+
+
+def test_print_trainable_parameters_format(capsys):
+    model = get_read_model(tiny_backbone("bert"), SMALL)
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    assert line == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    # BERT's classifier is the task head and is trained; the pretrained pooler stays frozen
+    assert model.head_module_names == ["classifier"]
+    assert not any(p.requires_grad for p in model.backbone.bert.pooler.parameters())
