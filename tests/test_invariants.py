@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, GENERATIVE, generation_kwargs, make_batch, tiny_backbone, train_steps
 
+from conftest import FAMILIES, GENERATIVE, generation_kwargs, make_batch, tiny_backbone, train_steps
 from readapt import ReadConfig, get_read_model
 
 SMALL = ReadConfig(hidden_size=16)

@@ -96,7 +96,11 @@ def describe_backbone(model: nn.Module) -> BackboneInfo:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "base_model"):
         raise _unsupported(model, "not a Hugging Face PreTrainedModel")
-    if not isinstance(model.get_input_embeddings(), nn.Embedding):
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    if not isinstance(embeddings, nn.Embedding):
         raise _unsupported(model, "it has no token embedding (not a text transformer)")
     hidden_size = getattr(config, "hidden_size", None)
     if not isinstance(hidden_size, int):
