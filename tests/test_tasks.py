@@ -58,11 +58,33 @@ def tsv(*rows: tuple[str, ...]) -> str:
 
 
 RTE_HEADER = ("index", "sentence1", "sentence2", "label")
-STSB_HEADER = tuple("index genre filename year old_index source1 source2 sentence1 sentence2 score".split())
+STSB_HEADER = (
+    "index",
+    "genre",
+    "filename",
+    "year",
+    "old_index",
+    "source1",
+    "source2",
+    "sentence1",
+    "sentence2",
+    "score",
+)
 
 
 def stsb_row(index: int, sentence1: str, sentence2: str, score: str) -> tuple[str, ...]:
-    return (str(index), "main-captions", "MSRvid", "2012test", "0001", "none", "none", sentence1, sentence2, score)
+    return (
+        str(index),
+        "main-captions",
+        "MSRvid",
+        "2012test",
+        "0001",
+        "none",
+        "none",
+        sentence1,
+        sentence2,
+        score,
+    )
 
 
 # --- task definitions --------------------------------------------------------------------------
@@ -165,7 +187,11 @@ def test_dev_splits():
         ("qqp", ("Why?", "How?"), "qqp question1: Why? question2: How?"),
         ("stsb", ("A man.", "A dog."), "stsb sentence1: A man. sentence2: A dog."),
         # texts are (premise, hypothesis); T5 writes the hypothesis first
-        ("mnli", ("The premise.", "The hypothesis."), "mnli hypothesis: The hypothesis. premise: The premise."),
+        (
+            "mnli",
+            ("The premise.", "The hypothesis."),
+            "mnli hypothesis: The hypothesis. premise: The premise.",
+        ),
         ("qnli", ("Who?", "Him."), "qnli question: Who? sentence: Him."),
         ("rte", ("Text.", "Claim."), "rte sentence1: Text. sentence2: Claim."),
         ("wnli", ("It fell.", "The cup fell."), "wnli sentence1: It fell. sentence2: The cup fell."),
@@ -345,7 +371,9 @@ def test_real_first_examples():
     )
     assert mrpc.label == 1
     stsb = load_glue_split("stsb", REAL_GLUE_DIR, "train")[1]
-    assert stsb == Example(texts=("A man is playing a large flute.", "A man is playing a flute."), label=3.8, idx=1)
+    assert stsb == Example(
+        texts=("A man is playing a large flute.", "A man is playing a flute."), label=3.8, idx=1
+    )
     rte = load_glue_split("rte", REAL_GLUE_DIR, "validation")[0]
     assert rte.texts[1] == "Christopher Reeve had an accident."
     assert get_task("rte").label_names[rte.label] == "not_entailment"
@@ -405,7 +433,10 @@ def test_real_sst2_train():
     task = get_task("sst2")
     examples = load_glue_split(task, REAL_GLUE_DIR, "train")
     assert len(examples) == 67349
-    assert Counter(task.label_names[example.label] for example in examples) == {"positive": 37569, "negative": 29780}
+    assert Counter(task.label_names[example.label] for example in examples) == {
+        "positive": 37569,
+        "negative": 29780,
+    }
     assert examples[0].texts == ("hide new secretions from the parental units ",)
 
 
@@ -414,7 +445,9 @@ def test_real_sst2_train():
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_synthetic_rte_plain_and_gz(tmp_path, gz):
-    content = tsv(RTE_HEADER, ("0", "A cat sat.", "A cat.", "entailment"), ("1", "Rain.", "Sun.", "not_entailment"))
+    content = tsv(
+        RTE_HEADER, ("0", "A cat sat.", "A cat.", "entailment"), ("1", "Rain.", "Sun.", "not_entailment")
+    )
     write_file(tmp_path / "RTE" / "dev.tsv", content, gz=gz)
     assert load_glue_split("rte", tmp_path, "dev") == [
         Example(texts=("A cat sat.", "A cat."), label=0, idx=0),
@@ -429,7 +462,9 @@ def test_plain_tsv_is_preferred_over_gz(tmp_path):
 
 
 def test_labels_are_stripped_but_texts_are_not_and_crlf_and_blank_lines_are_handled(tmp_path):
-    content = "index\tsentence1\tsentence2\tlabel\r\n0\t A \tB \tentailment \r\n\n1\tC\tD\t not_entailment\r\n"
+    content = (
+        "index\tsentence1\tsentence2\tlabel\r\n0\t A \tB \tentailment \r\n\n1\tC\tD\t not_entailment\r\n"
+    )
     write_file(tmp_path / "RTE" / "train.tsv", content)
     assert load_glue_split("rte", tmp_path, "train") == [
         Example(texts=(" A ", "B "), label=0, idx=0),
@@ -445,21 +480,37 @@ def test_bare_quotes_and_stray_carriage_returns_stay_in_the_text(tmp_path):
 def test_stsb_columns_are_found_by_header_name(tmp_path):
     content = tsv(("score", "sentence2", "sentence1", "extra"), ("4.2", "second", "first", "x"))
     write_file(tmp_path / "STS-B" / "train.tsv", content)
-    assert load_glue_split("STS-B", tmp_path, "train") == [Example(texts=("first", "second"), label=4.2, idx=0)]
+    assert load_glue_split("STS-B", tmp_path, "train") == [
+        Example(texts=("first", "second"), label=4.2, idx=0)
+    ]
 
 
 def test_synthetic_mnli_train_and_dev_layouts(tmp_path):
-    train_header = tuple(
-        "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-        "sentence2_parse sentence1 sentence2 label1 gold_label".split()
+    train_header = (
+        "index",
+        "promptID",
+        "pairID",
+        "genre",
+        "sentence1_binary_parse",
+        "sentence2_binary_parse",
+        "sentence1_parse",
+        "sentence2_parse",
+        "sentence1",
+        "sentence2",
+        "label1",
+        "gold_label",
     )
     dev_header = (*train_header[:11], "label2", "label3", "label4", "label5", "gold_label")
     parses = ("( p )", "( h )", "(ROOT p)", "(ROOT h)")
     write_file(
         tmp_path / "MNLI" / "train.tsv",
-        tsv(train_header, ("0", "1", "1e", "fiction", *parses, "The premise.", "The hypothesis.", "neutral", "neutral")),
+        tsv(
+            train_header,
+            ("0", "1", "1e", "fiction", *parses, "The premise.", "The hypothesis.", "neutral", "neutral"),
+        ),
     )
-    dev_row = ("0", "1", "1e", "slate", *parses, "P.", "H.", "contradiction", "contradiction", "neutral", "contradiction", "contradiction", "contradiction")
+    annotator_labels = ("contradiction", "contradiction", "neutral", "contradiction", "contradiction")
+    dev_row = ("0", "1", "1e", "slate", *parses, "P.", "H.", *annotator_labels, "contradiction")
     write_file(tmp_path / "MNLI" / "dev_matched.tsv", tsv(dev_header, dev_row), gz=True)
     write_file(tmp_path / "MNLI" / "dev_mismatched.tsv", tsv(dev_header, dev_row))
 
@@ -472,10 +523,15 @@ def test_synthetic_mnli_train_and_dev_layouts(tmp_path):
 def test_synthetic_qqp_and_mrpc_with_bom(tmp_path):
     write_file(
         tmp_path / "QQP" / "train.tsv",
-        tsv(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), ("7", "1", "2", "Why?", "Why so?", "1")),
+        tsv(
+            ("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+            ("7", "1", "2", "Why?", "Why so?", "1"),
+        ),
     )
     assert load_glue_split("qqp", tmp_path, "train") == [Example(texts=("Why?", "Why so?"), label=1, idx=0)]
-    mrpc = "\ufeff" + tsv(("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), ("0", "1", "2", "A .", "B ."))
+    mrpc = "\ufeff" + tsv(
+        ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), ("0", "1", "2", "A .", "B .")
+    )
     write_file(tmp_path / "MRPC" / "train.tsv", mrpc, gz=True)
     assert load_glue_split("mrpc", tmp_path, "train") == [Example(texts=("A .", "B ."), label=0, idx=0)]
 
@@ -484,7 +540,9 @@ def test_synthetic_qqp_and_mrpc_with_bom(tmp_path):
 
 
 def test_missing_data_dir(tmp_path):
-    with pytest.raises(DataError, match=r"GLUE data directory not found: .*nowhere \(pass --data-dir or set GLUE_DIR\)"):
+    with pytest.raises(
+        DataError, match=r"GLUE data directory not found: .*nowhere \(pass --data-dir or set GLUE_DIR\)"
+    ):
         load_glue_split("rte", tmp_path / "nowhere", "train")
 
 
@@ -503,14 +561,16 @@ def test_non_utf8_bytes_name_the_line(tmp_path, gz):
     with pytest.raises(DataError) as error:
         load_glue_split("rte", tmp_path, "train")
     assert str(error.value) == (
-        f"{path}, line 3: byte 0xe9 at byte 7 of the line is not valid UTF-8; expected a UTF-8 text file"
+        f"{path}, line 3: byte 0xe9 at byte 6 of the line is not valid UTF-8; expected a UTF-8 text file"
     )
 
 
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("row", [("0", "only two"), ("0", "a", "b", "entailment", "extra")])
 def test_wrong_number_of_columns(tmp_path, gz, row):
-    path = write_file(tmp_path / "RTE" / "train.tsv", tsv(RTE_HEADER, ("0", "a", "b", "entailment"), row), gz=gz)
+    path = write_file(
+        tmp_path / "RTE" / "train.tsv", tsv(RTE_HEADER, ("0", "a", "b", "entailment"), row), gz=gz
+    )
     with pytest.raises(DataError) as error:
         load_glue_split("rte", tmp_path, "train")
     assert str(error.value) == (
@@ -520,7 +580,9 @@ def test_wrong_number_of_columns(tmp_path, gz, row):
 
 def test_wrong_number_of_columns_in_headerless_cola(tmp_path):
     write_file(tmp_path / "CoLA" / "dev.tsv", "gj04\t1\tA sentence.\n")
-    with pytest.raises(DataError, match=r"dev.tsv, line 1: expected 4 tab-separated columns \(for CoLA\), found 3"):
+    with pytest.raises(
+        DataError, match=r"dev.tsv, line 1: expected 4 tab-separated columns \(for CoLA\), found 3"
+    ):
         load_glue_split("cola", tmp_path, "validation")
 
 
@@ -606,7 +668,9 @@ def test_truncated_gzip(tmp_path):
 
 
 def test_unknown_split_and_bad_max_samples(tmp_path):
-    with pytest.raises(DataError, match="task mnli has no split 'validation'; expected one of train, validation_matched"):
+    with pytest.raises(
+        DataError, match="task mnli has no split 'validation'; expected one of train, validation_matched"
+    ):
         load_glue_split("mnli", tmp_path, "validation")
     with pytest.raises(DataError, match="task rte has no split 'test'"):
         load_glue("rte", tmp_path, splits=["test"])
@@ -651,24 +715,47 @@ def test_custom_csv_classification(tmp_path):
         Example(texts=("Awful",), label=0, idx=1),
         Example(texts=('He said "no"',), label=0, idx=2),
     ]
-    assert splits["validation"] == [Example(texts=("Fine",), label=1, idx=0), Example(texts=("Bad",), label=0, idx=1)]
+    assert splits["validation"] == [
+        Example(texts=("Fine",), label=1, idx=0),
+        Example(texts=("Bad",), label=0, idx=1),
+    ]
     assert task.format_text_to_text(splits["train"][1]) == "custom text: Awful"
 
 
 def test_custom_csv_keeps_quoted_newlines_and_reports_record_start_lines(tmp_path):
-    train = write_file(tmp_path / "train.csv", 'text,label\n"two\nlines",a\nok,b\nbad,\n')
+    train = write_file(tmp_path / "train.csv", 'text,label\n"two\nlines",a\nok,b\n')
     validation = write_file(tmp_path / "dev.csv", 'text,label\n"multi\nline",a\nx,c\n')
     with pytest.raises(DataError) as error:
         load_custom_task(train, validation, ["text"], "label")
     assert str(error.value) == (
         f"{validation}, line 4, column 'label': label 'c' does not occur in the training file; "
-        "expected one of '', 'a', 'b'"
+        "expected one of 'a', 'b'"
+    )
+    task, splits = load_custom_task(train, None, ["text"], "label")
+    assert splits["train"][0].texts == ("two\nlines",)
+
+
+@pytest.mark.parametrize(("suffix", "line"), [(".csv", 3), (".jsonl", 2)])
+def test_custom_empty_label(tmp_path, suffix, line):
+    content = (
+        "text,label\na,x\nb, \n"
+        if suffix == ".csv"
+        else '{"text": "a", "label": "x"}\n{"text": "b", "label": ""}\n'
+    )
+    train = write_file(tmp_path / f"train{suffix}", content)
+    with pytest.raises(DataError) as error:
+        load_custom_task(train, None, ["text"], "label")
+    assert (
+        str(error.value)
+        == f"{train}, line {line}, column 'label': the label is empty; expected a class name or a number"
     )
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_custom_tsv_pair_classification(tmp_path, gz):
-    content = tsv(("premise", "hypothesis", "label"), ('A "quoted" one', "B", "1"), ("C", "D", "0"), ("E", "F", "10"))
+    content = tsv(
+        ("premise", "hypothesis", "label"), ('A "quoted" one', "B", "1"), ("C", "D", "0"), ("E", "F", "10")
+    )
     train = write_file(tmp_path / "train.tsv", content, gz=gz)
     task, splits = load_custom_task(train, None, ("premise", "hypothesis"), "label", name="nli")
     assert task.label_names == ("0", "1", "10")  # integers sort numerically
@@ -691,7 +778,9 @@ def test_custom_jsonl_auto_regression(tmp_path, gz):
 
 
 def test_custom_integer_labels_are_classes_unless_regression_is_asked(tmp_path):
-    train = write_file(tmp_path / "train.jsonl", '{"t": "a", "y": 1}\n{"t": "b", "y": 5}\n{"t": "c", "y": 3}\n')
+    train = write_file(
+        tmp_path / "train.jsonl", '{"t": "a", "y": 1}\n{"t": "b", "y": 5}\n{"t": "c", "y": 3}\n'
+    )
     auto_task, auto_splits = load_custom_task(train, None, ["t"], "y")
     assert auto_task.label_names == ("1", "3", "5")
     assert [example.label for example in auto_splits["train"]] == [0, 2, 1]
@@ -711,7 +800,9 @@ def test_custom_missing_column_lists_the_columns(tmp_path):
     train = write_file(tmp_path / "train.csv", "sentence,label\na,1\n")
     with pytest.raises(DataError) as error:
         load_custom_task(train, None, ["text"], "label")
-    assert str(error.value) == f"{train}, line 1 (header): no column 'text'; the columns are 'sentence', 'label'"
+    assert (
+        str(error.value) == f"{train}, line 1 (header): no column 'text'; the columns are 'sentence', 'label'"
+    )
 
 
 def test_custom_jsonl_missing_field_lists_the_fields(tmp_path):
@@ -723,7 +814,9 @@ def test_custom_jsonl_missing_field_lists_the_fields(tmp_path):
 
 def test_custom_validation_label_unseen_in_training(tmp_path):
     train = write_file(tmp_path / "train.tsv", tsv(("text", "label"), ("a", "pos"), ("b", "neg")))
-    validation = write_file(tmp_path / "dev.tsv", tsv(("text", "label"), ("c", "pos"), ("d", "neutral")), gz=True)
+    validation = write_file(
+        tmp_path / "dev.tsv", tsv(("text", "label"), ("c", "pos"), ("d", "neutral")), gz=True
+    )
     with pytest.raises(DataError) as error:
         load_custom_task(train, validation, ["text"], "label")
     assert str(error.value) == (
@@ -736,7 +829,10 @@ def test_custom_regression_target_not_a_number(tmp_path):
     train = write_file(tmp_path / "train.csv", "t,y\na,0.5\nb,high\n")
     with pytest.raises(DataError) as error:
         load_custom_task(train, None, ["t"], "y", task_type="regression")
-    assert str(error.value) == f"{train}, line 3, column 'y': expected a number for a regression task, got 'high'"
+    assert (
+        str(error.value)
+        == f"{train}, line 3, column 'y': expected a number for a regression task, got 'high'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -750,17 +846,22 @@ def test_custom_regression_target_not_a_number(tmp_path):
 )
 def test_custom_jsonl_errors(tmp_path, content, expected):
     train = write_file(tmp_path / "train.jsonl", content)
-    with pytest.raises(DataError, match="^" + str(train).replace(".", r"\.") + ", " + expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(DataError) as error:
         load_custom_task(train, None, ["t"], "y")
+    assert str(error.value).startswith(f"{train}, {expected}")
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_custom_errors_on_file_level(tmp_path, gz):
     wrong_columns = write_file(tmp_path / "cols.csv", "t,y\na,1\nb,1,extra\n", gz=gz)
-    with pytest.raises(DataError, match=r"cols\.csv(\.gz)?, line 3: expected 2 columns \(as in the header\), found 3"):
+    with pytest.raises(
+        DataError, match=r"cols\.csv(\.gz)?, line 3: expected 2 columns \(as in the header\), found 3"
+    ):
         load_custom_task(wrong_columns, None, ["t"], "y")
     not_utf8 = write_file(tmp_path / "latin1.tsv", b"t\ty\ncaf\xe9\t1\n", gz=gz)
-    with pytest.raises(DataError, match=r"latin1\.tsv(\.gz)?, line 2: byte 0xe9 at byte 4 of the line is not valid UTF-8"):
+    with pytest.raises(
+        DataError, match=r"latin1\.tsv(\.gz)?, line 2: byte 0xe9 at byte 4 of the line is not valid UTF-8"
+    ):
         load_custom_task(not_utf8, None, ["t"], "y")
     header_only = write_file(tmp_path / "empty.csv", "t,y\n", gz=gz)
     with pytest.raises(DataError, match=r"empty\.csv(\.gz)?: no data rows; expected at least one example"):
@@ -788,3 +889,14 @@ def test_custom_argument_errors(tmp_path):
         load_custom_task(train, None, ["a", "b", "c"], "y")
     with pytest.raises(DataError, match="task_type must be one of auto, classification, regression"):
         load_custom_task(train, None, ["t"], "y", task_type="ranking")  # type: ignore[arg-type]
+
+
+def test_custom_max_samples_keeps_the_first_rows_but_all_labels(tmp_path):
+    train = write_file(tmp_path / "train.csv", "t,y\na,x\nb,x\nc,z\n")
+    validation = write_file(tmp_path / "dev.csv", "t,y\nd,z\ne,x\nf,x\n")
+    task, splits = load_custom_task(train, validation, ["t"], "y", max_samples=2)
+    assert task.label_names == ("x", "z")
+    assert [example.texts[0] for example in splits["train"]] == ["a", "b"]
+    assert [example.label for example in splits["validation"]] == [1, 0]
+    with pytest.raises(DataError, match="max_samples must be a positive number of rows, got -1"):
+        load_custom_task(train, None, ["t"], "y", max_samples=-1)

@@ -1,0 +1,58 @@
+"""Shared helpers for reading task files: plain or gzip, strict UTF-8, one-line error messages."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from readapt.errors import DataError
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Longest cell value quoted in an error message, so that the message stays one readable line.
+_MAX_QUOTED_CHARS = 60
+
+
+def quote_value(value: object) -> str:
+    """repr() of a cell value for an error message: escapes tabs/newlines, shortens long text."""
+    text = str(value)
+    if len(text) > _MAX_QUOTED_CHARS:
+        text = text[: _MAX_QUOTED_CHARS - 3] + "..."
+    return repr(text)
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line) with the line ending removed.
+
+    The file is read as bytes and split on "\\n" only, so a stray "\\r" inside a text cell does not
+    split a row; a "\\r\\n" ending is removed. A leading UTF-8 BOM (MRPC has one) is dropped.
+    Gzip is used when the name ends in ".gz". Invalid UTF-8 raises a DataError naming the line.
+    """
+    for line_number, line in read_raw_lines(path):
+        yield line_number, line.removesuffix("\n").removesuffix("\r")
+
+
+def read_raw_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Like `read_lines` but keeps the line ending (the csv module needs it for quoted newlines)."""
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as stream:
+            for line_number, raw_line in enumerate(stream, start=1):
+                if line_number == 1 and raw_line.startswith(_UTF8_BOM):
+                    raw_line = raw_line[len(_UTF8_BOM) :]
+                yield line_number, _decode(raw_line, path, line_number)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: not a valid gzip file ({error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from None
+
+
+def _decode(raw_line: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_byte = raw_line[error.start]
+        raise DataError(
+            f"{path}, line {line_number}: byte 0x{bad_byte:02x} at byte {error.start + 1} of the line "
+            f"is not valid UTF-8; expected a UTF-8 text file"
+        ) from None
