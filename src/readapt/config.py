@@ -55,6 +55,8 @@ class ReadConfig:
     # Recompute the side network during backward instead of keeping its activations: the RNN is
     # tiny next to the backbone, and this keeps the training peak close to inference.
     recompute: bool = True
+    # Tokens per recomputed chunk: bounds the side network's activation memory during backward.
+    recompute_chunk_tokens: int = 256
     rms_norm_eps: float = 1e-6
     method: str = field(default="read", init=False)
 
@@ -65,7 +67,7 @@ class ReadConfig:
         _choice("rnn_type", self.rnn_type, RNN_TYPES)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("h0", self.h0, H0_MODES)
-        for name in ("hidden_size", "num_rnn_layers"):
+        for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")

@@ -38,6 +38,10 @@ def rms_normalize_(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.div_(rms.square_().add_(eps).sqrt_())
 
 
+def _rows(tensor: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[part]
+
+
 class EncoderContext(nn.Module):
     """Joiner's cross-stack path: each decoder token attends (one head, width r) over the READ-corrected
     encoder output, so the encoder's correction reaches the decoder without entering the backbone."""
@@ -64,6 +68,7 @@ class ReadSideNetwork(nn.Module):
         self.scaling = config.scaling
         self.aggregation = config.aggregation
         self.recompute = config.recompute
+        self.chunk_tokens = config.recompute_chunk_tokens
         self.num_rnn_layers = config.num_rnn_layers
         self.input_projection = nn.Linear(model_dim, r) if config.input_projection else None
         rnn_input = r if config.input_projection else model_dim
@@ -89,11 +94,20 @@ class ReadSideNetwork(nn.Module):
         rms_normalize_(layer_states, self.eps)
         if embeddings is not None and self.h0_projection is not None:
             embeddings = rms_normalize_(embeddings, self.eps)
-        args = (layer_states, embeddings, encoder_states, encoder_mask)
-        if self.recompute and self.training and torch.is_grad_enabled():
-            # Keep only the (already alive) inputs; rebuild the RNN activations during backward.
-            return checkpoint(self._correction, *args, use_reentrant=False)
-        return self._correction(*args)
+        if not (self.recompute and self.training and torch.is_grad_enabled()):
+            return self._correction(layer_states, embeddings, encoder_states, encoder_mask)
+        # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
+        # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
+        # the chunk, whatever the batch size.
+        rows = max(1, self.chunk_tokens // layer_states.shape[2])
+        deltas = []
+        for start in range(0, layer_states.shape[1], rows):
+            part = slice(start, start + rows)
+            deltas.append(checkpoint(
+                self._correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
+                _rows(encoder_mask, part), use_reentrant=False,
+            ))
+        return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
 
     def _correction(self, layer_states, embeddings, encoder_states, encoder_mask) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape

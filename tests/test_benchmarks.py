@@ -1,0 +1,25 @@
+"""The benchmark scripts keep running (figures come from running them, not from these tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_benchmark_runs_on_a_tiny_config(tmp_path, capsys):
+    result = _load("memory").main(["--size", "tiny", "--batch-size", "4", "--source-length", "16", "--read-hidden-size", "8",
+                                   "--json", str(tmp_path / "memory.json")])
+    assert set(result["runs"]) == {"inference", "read", "full"}
+    assert all(r["peak_bytes"] > 0 for r in result["runs"].values())
+    assert result["runs"]["read"]["trainable_params"] < result["runs"]["full"]["trainable_params"]
+    assert "READ/full =" in capsys.readouterr().out
+    assert (tmp_path / "memory.json").is_file()
