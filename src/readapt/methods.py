@@ -1,0 +1,113 @@
+"""Fine-tuning methods behind one small interface, so that one training loop serves them all.
+
+A method turns a loaded backbone into the model to train (`prepare`), writes what it trained (`save`) and
+puts it back onto a fresh backbone (`load`). Each saved directory holds `adapter_config.json` (which method,
+its options, the backbone signature) and `adapter_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from readapt.backbone import describe_backbone
+from readapt.config import ReadConfig
+from readapt.errors import ConfigError, IncompatibleAdapterError
+from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from readapt.model import CONFIG_NAME, WEIGHTS_NAME, ReadModel, check_backbone_compatible, read_adapter_metadata
+
+
+class Method:
+    name: str
+    default_lr: float
+
+    def prepare(self, backbone: nn.Module, options: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, backbone: nn.Module, directory: Path) -> nn.Module:
+        raise NotImplementedError
+
+
+class ReadMethod(Method):
+    """READ: frozen backbone, recurrent side network across its layers (readapt.model)."""
+
+    name = "read"
+    default_lr = 1e-3
+
+    def prepare(self, backbone, options):
+        known = {f.name for f in dataclasses.fields(ReadConfig) if f.init}
+        return ReadModel(backbone, ReadConfig(**{k: v for k, v in options.items() if k in known}))
+
+    def save(self, model, directory):
+        model.save_pretrained(directory)
+
+    def load(self, backbone, directory):
+        return ReadModel.from_pretrained(backbone, directory)
+
+
+class FullFineTuning(Method):
+    """Every backbone weight trained; the 'adapter' is the whole model's weights."""
+
+    name = "full"
+    default_lr = 5e-5
+
+    def prepare(self, backbone, options):
+        return backbone.requires_grad_(True)
+
+    def save(self, model, directory):
+        state = {k: v for k, v in model.state_dict().items()}
+        # Tied weights (e.g. T5's shared embedding and LM head) are one tensor: safetensors refuses
+        # aliases, so keep each storage once and re-tie on load (load_state_dict with strict=False).
+        seen, unique = set(), {}
+        for key, tensor in state.items():
+            pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if pointer not in seen:
+                seen.add(pointer)
+                unique[key] = tensor
+        atomic_save_safetensors(Path(directory) / WEIGHTS_NAME, unique, metadata={"format": "pt"})
+        atomic_write_json(Path(directory) / CONFIG_NAME, {
+            "method": self.name, "backbone": describe_backbone(model).signature(),
+            "base_model_name_or_path": getattr(model.config, "_name_or_path", ""),
+        })
+
+    def load(self, backbone, directory):
+        directory = Path(directory)
+        metadata = read_adapter_metadata(directory, method=self.name)
+        check_backbone_compatible(metadata["backbone"], describe_backbone(backbone).signature(), directory)
+        state = load_safetensors(directory / WEIGHTS_NAME)
+        result = backbone.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise IncompatibleAdapterError(f"{directory}: unexpected weights {result.unexpected_keys[:5]}")
+        missing = [k for k in result.missing_keys if not _is_tied(backbone, k, state)]
+        if missing:
+            raise IncompatibleAdapterError(f"{directory}: missing weights {missing[:5]}")
+        return backbone.eval().requires_grad_(False)
+
+
+def _is_tied(model: nn.Module, key: str, saved: dict) -> bool:
+    """A missing key is fine when its tensor is shared with one that was saved (tied weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(key)
+    if target is None:
+        return False
+    return any(params.get(other) is target for other in saved)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (ReadMethod(), FullFineTuning())}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(directory: Path) -> Method:
+    """The method that wrote an adapter directory."""
+    return get_method(read_adapter_metadata(Path(directory))["method"])

@@ -1,0 +1,338 @@
+"""The training recipe: one loop for every method — task data in, best adapter and metrics.json out.
+
+Flow: validate everything cheap (config, data, model) before touching the output directory; train in a
+hidden staging directory next to it; evaluate on dev after every epoch and keep the best adapter; write
+metrics.json; move the staging directory into place at the very end, so a failed or interrupted run never
+leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from readapt.data import Candidates, Collator, candidates_for, encode
+from readapt.errors import ConfigError, ReadaptError
+from readapt.io import atomic_write_json
+from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
+from readapt.methods import get_method, method_of
+from readapt.pretrained import load_backbone
+from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
+
+logger = logging.getLogger("readapt")
+
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+
+
+class TrainingError(ReadaptError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclass
+class DataConfig:
+    """Which task and where its data is: a GLUE task name, or custom train/validation files."""
+
+    task: str | None = None
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    task_type: str = "auto"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    def validate(self) -> None:
+        custom = self.train_file is not None or self.validation_file is not None
+        if custom and (self.train_file is None or self.validation_file is None or not self.text_columns):
+            raise ConfigError("a custom task needs --train-file, --validation-file and --text-columns")
+        if not custom and not self.task:
+            raise ConfigError("name a GLUE task with --task, or give --train-file/--validation-file")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+@dataclass
+class TrainingConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str | None = None  # None: the embedded all-MiniLM-L6-v2
+    method: str = "read"
+    method_options: dict[str, Any] = field(default_factory=dict)  # e.g. ReadConfig fields for READ
+    output_dir: str = "runs/latest"
+    overwrite: bool = False
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float | None = None  # None: the method's default
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    seed: int = 42
+    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
+    cpu: bool = False  # force CPU even where a GPU exists
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.data.validate()
+        get_method(self.method)
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
+            "max_length": self.max_length >= 8, "weight_decay": self.weight_decay >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_grad_norm": self.max_grad_norm > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr={self.lr} is out of range; it must be a positive number")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"--mixed-precision={self.mixed_precision!r}; allowed: no, fp16, bf16")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_task_data(data: DataConfig, seed: int) -> tuple[Task, list[Example], dict[str, list[Example]]]:
+    """(task, train examples, {dev split: examples}); a training subset is a seeded random sample."""
+    if data.train_file is not None:
+        task, splits = load_custom_task(data.train_file, data.validation_file, data.text_columns,
+                                        data.label_column, task_type=data.task_type)
+        train, dev = splits["train"], {"validation": splits["validation"]}
+    else:
+        task = get_task(data.task)
+        splits = load_glue(task, data.data_dir)
+        train, dev = splits["train"], {s: splits[s] for s in task.dev_splits}
+    if data.max_train_samples is not None and data.max_train_samples < len(train):
+        train = random.Random(seed).sample(train, data.max_train_samples)
+    if data.max_eval_samples is not None:
+        dev = {s: rows[: data.max_eval_samples] for s, rows in dev.items()}
+    return task, train, dev
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None, progress: bool = False,
+            description: str = "eval") -> list[int | float]:
+    """Predictions for every example of `loader`: argmax / regression output of a head, or, for
+    text-to-text models, rank classification over the candidate answers (highest total log-likelihood)."""
+    model.eval()
+    predictions: list[int | float] = []
+    for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
+        if candidates is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predictions.extend(logits.squeeze(-1).float().tolist() if task.is_regression
+                               else logits.argmax(-1).tolist())
+        else:
+            scores = _candidate_scores(model, batch, candidates)
+            predictions.extend(candidates.values[i] for i in scores.argmax(-1).tolist())
+    return predictions
+
+
+def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tensor:
+    # The encoder runs once; its output (with READ's corrected states attached) serves every candidate.
+    encoder_outputs = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    size = batch["input_ids"].shape[0]
+    scores = []
+    for token_ids in candidates.token_ids:
+        labels = torch.tensor(token_ids, device=batch["input_ids"].device).expand(size, -1)
+        logits = model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"], labels=labels,
+                       use_cache=False).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        scores.append(log_probs.sum(-1))
+    return torch.stack(scores, dim=-1)
+
+
+def evaluate_splits(model, task: Task, loaders: dict[str, DataLoader], candidates: Candidates | None,
+                    references: dict[str, list], progress: bool) -> dict[str, dict[str, float]]:
+    results = {}
+    for split, loader in loaders.items():
+        predictions = predict(model, loader, task, candidates, progress, description=f"eval {split}")
+        results[split] = compute_metrics(task, predictions, references[split])
+    return results
+
+
+def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
+    """Model selection: the task's main metric, averaged over its dev splits (MNLI: matched/mismatched)."""
+    return float(np.mean([r[task.main_metric] for r in results.values()]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _prepare_output_dir(config: TrainingConfig) -> tuple[Path, Path]:
+    output = Path(config.output_dir)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
+        raise ConfigError(f"output directory {output} already holds files; pass --overwrite to replace them")
+    staging = output.parent / f".{output.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return output, staging
+
+
+def _loader(features, batch_size, collator, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)
+
+
+def train(config: TrainingConfig) -> dict[str, Any]:
+    """Fine-tune with `config.method` on the task, evaluate on dev every epoch, keep the best adapter.
+    Returns the content of metrics.json."""
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    config.validate()
+    method = get_method(config.method)
+    task, train_examples, dev_examples = load_task_data(config.data, config.seed)
+    set_seed(config.seed)
+    loaded = load_backbone(config.model, task.num_labels, task.is_regression)
+    model = method.prepare(loaded.model, config.method_options)
+    output, staging = _prepare_output_dir(config)
+    log_handler = logging.FileHandler(staging / LOG_FILE, encoding="utf-8")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(log_handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = _train(config, method, task, train_examples, dev_examples, loaded, model, staging,
+                        Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu), get_linear_schedule_with_warmup)
+    except BaseException:
+        logger.removeHandler(log_handler)
+        log_handler.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.removeHandler(log_handler)
+    log_handler.close()
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return result
+
+
+def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler):
+    tokenizer, text_to_text = loaded.tokenizer, loaded.text_to_text
+    collator = Collator(tokenizer.pad_token_id, text_to_text, task.is_regression)
+    train_features = encode(task, train_examples, tokenizer, config.max_length, text_to_text)
+    dev_loaders = {s: _loader(encode(task, rows, tokenizer, config.max_length, text_to_text), config.eval_batch_size,
+                              collator, False, config.seed) for s, rows in dev_examples.items()}
+    references = {s: [e.label for e in rows] for s, rows in dev_examples.items()}
+    candidates = candidates_for(task, tokenizer) if text_to_text else None
+    train_loader = _loader(train_features, config.batch_size, collator, True, config.seed)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.epochs * len(train_loader)
+    scheduler = make_scheduler(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    dev_loaders = {s: accelerator.prepare(loader) for s, loader in dev_loaders.items()}
+    logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable of %d parameters",
+                task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()}, loaded.source,
+                config.method, n_trainable, n_total)
+
+    meter = PeakMemoryMeter(accelerator.device)
+    meter.start()
+    clock = Stopwatch()
+    epochs, best, step, train_seconds = [], None, 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_clock = Stopwatch()
+        running, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
+        for batch in bar:
+            loss = model(**batch, use_cache=False).loss if text_to_text else model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
+                                    "lower --lr or check the data")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running += loss.item()
+            seen += 1
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        train_seconds += epoch_clock.seconds()
+        results = evaluate_splits(accelerator.unwrap_model(model), task, dev_loaders, candidates, references,
+                                  config.progress)
+        score = main_score(task, results)
+        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "dev": results, "score": score,
+                  "elapsed_seconds": clock.seconds(), "train_seconds_so_far": train_seconds}
+        epochs.append(record)
+        logger.info("epoch %d: train loss %.4f, dev %s", epoch, record["train_loss"], json.dumps(results))
+        if best is None or score > best["score"]:
+            best = record
+            method.save(accelerator.unwrap_model(model), staging / ADAPTER_DIR)
+            logger.info("epoch %d is the best so far (%s %.4f); adapter saved", epoch, task.main_metric, score)
+
+    peak = meter.peak_bytes()
+    metrics = {
+        "task": task.name, "method": config.method, "model": loaded.source,
+        "protocol": "trained on the task's train split (a seeded random subset if max_train_samples); "
+                    "evaluated on the GLUE dev set after every epoch; best epoch = highest dev main metric "
+                    "(dev-set selection)" if config.data.task else
+                    "trained on --train-file, evaluated on --validation-file after every epoch; best epoch kept",
+        "main_metric": task.main_metric,
+        "best_epoch": best["epoch"], "best_dev": best["dev"], "best_score": best["score"],
+        "epochs": epochs,
+        "train_seconds": train_seconds,  # training steps only
+        "wall_seconds": clock.seconds(),  # training and per-epoch evaluation
+        "peak_memory_bytes": peak, "peak_memory_meter": meter.name,
+        "memory_at_training_start_bytes": meter.baseline_bytes,
+        "trainable_parameters": n_trainable, "total_parameters": n_total,
+        "train_examples": len(train_examples), "dev_examples": {s: len(r) for s, r in dev_examples.items()},
+        "config": _config_dict(config), "versions": versions(), "machine": machine(),
+        "device": str(accelerator.device), "mixed_precision": config.mixed_precision,
+    }
+    atomic_write_json(staging / METRICS_FILE, metrics)
+    logger.info("done: best epoch %d, %s %.4f, %.1f s, peak memory %.1f MiB (%s)", best["epoch"], task.main_metric,
+                best["score"], metrics["train_seconds"], peak / 2**20, meter.name)
+    return metrics
+
+
+def _config_dict(config: TrainingConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["learning_rate"] = config.learning_rate
+    return out
+
+
+def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Path, batch_size: int = 64,
+                     max_length: int = 128, progress: bool = True, cpu: bool = False) -> dict[str, dict[str, float]]:
+    """Load a backbone and a trained adapter (any method) and score the task's dev split(s)."""
+    from accelerate import Accelerator
+
+    data.validate()
+    method = method_of(Path(adapter))
+    task, _, dev_examples = load_task_data(data, seed=0)
+    loaded = load_backbone(model_name, task.num_labels, task.is_regression)
+    model = method.load(loaded.model, Path(adapter))
+    accelerator = Accelerator(cpu=cpu)
+    model = accelerator.prepare(model)
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
+    loaders = {s: accelerator.prepare(_loader(encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text),
+                                              batch_size, collator, False, 0)) for s, rows in dev_examples.items()}
+    candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
+    references = {s: [e.label for e in rows] for s, rows in dev_examples.items()}
+    return evaluate_splits(model, task, loaders, candidates, references, progress)
