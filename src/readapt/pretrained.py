@@ -93,7 +93,9 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; classification needs one
         tokenizer.pad_token = tokenizer.eos_token
     problem = {"problem_type": "regression"} if is_regression else {}
+    # A checkpoint's own classification head of another size is replaced: the head is trained anyway.
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **problem, **kwargs
+        source, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True,
+        **problem, **kwargs
     )
     return LoadedBackbone(model.eval(), tokenizer, False, description)

@@ -158,7 +158,7 @@ def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tenso
     size = batch["input_ids"].shape[0]
     scores = []
     for token_ids in candidates.token_ids:
-        labels = torch.tensor(token_ids, device=batch["input_ids"].device).expand(size, -1)
+        labels = torch.tensor(token_ids, device=batch["input_ids"].device).repeat(size, 1)
         logits = model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"], labels=labels,
                        use_cache=False).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)

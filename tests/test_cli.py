@@ -1,0 +1,210 @@
+"""`readapt train` / `readapt eval` on a few dozen real GLUE rows with tiny random backbones, and every
+bad-input case: one line on stderr, exit status 2, no traceback, no output directory left behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from readapt.cli import main
+from readapt.pretrained import embedded_backbone_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("READAPT_GLUE_DIR") or REPO_ROOT.parent / "shared" / "data" / "glue")
+needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
+FEW = ["--max-train-samples", "24", "--max-eval-samples", "16", "--batch-size", "8", "--epochs", "2",
+       "--max-length", "48", "--no-progress"]
+
+
+def _save_tiny(model, path: Path) -> Path:
+    """A tiny random backbone saved as a local HF folder, with the embedded backbone's (BERT) tokenizer."""
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_backbone_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    vocab = 30522  # the BERT tokenizer's
+    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=102))
+    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, pad_token_id=0))
+    return {name: _save_tiny(model, root / name) for name, model in (("bert", bert), ("t5", t5), ("llama", llama))}
+
+
+def _train(tmp_path, *extra) -> tuple[int, Path]:
+    out = tmp_path / "run"
+    return main(["train", "--output-dir", str(out), *FEW, *extra]), out
+
+
+@needs_glue
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"])
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_train_then_eval_on_real_rows(task, kind, tiny_models, tmp_path, capsys):
+    code, out = _train(tmp_path, "--task", task, "--data-dir", str(GLUE_DIR), "--model", str(tiny_models[kind]))
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.json", "train.log"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["train_examples"] == 24 and metrics["dev_examples"] == {"validation": 16}
+    main_metric = metrics["main_metric"]
+    assert main_metric in metrics["best_dev"]["validation"]
+    assert metrics["peak_memory_bytes"] > 0 and metrics["peak_memory_meter"]
+    assert {"torch", "transformers", "readapt"} <= set(metrics["versions"])
+    summary = capsys.readouterr().out
+    assert "best epoch" in summary and "peak memory" in summary and "trainable parameters" in summary
+
+    # eval reproduces the best epoch's dev metrics from the saved adapter
+    scores = tmp_path / "eval.json"
+    assert main(["eval", "--task", task, "--data-dir", str(GLUE_DIR), "--model", str(tiny_models[kind]),
+                 "--adapter", str(out / "adapter"), "--max-eval-samples", "16", "--max-length", "48",
+                 "--no-progress", "--output", str(scores)]) == 0
+    evaluated = json.loads(scores.read_text())["validation"]
+    for key, value in metrics["best_dev"]["validation"].items():
+        assert evaluated[key] == pytest.approx(value, abs=1e-6), key
+
+
+@needs_glue
+def test_decoder_only_backbone_and_full_method(tiny_models, tmp_path, capsys):
+    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["llama"]))
+    assert code == 0, capsys.readouterr().err
+    full = tmp_path / "full"
+    assert main(["train", "--task", "mrpc", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+                 "--method", "full", "--output-dir", str(full), *FEW]) == 0
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert set(metrics["best_dev"]["validation"]) == {"accuracy", "f1", "combined"}
+    assert main(["eval", "--task", "mrpc", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+                 "--adapter", str(full / "adapter"), "--max-eval-samples", "16", "--max-length", "48",
+                 "--no-progress"]) == 0
+
+
+def test_custom_task_files(tiny_models, tmp_path, capsys):
+    rows = [{"text": f"sample number {i} is {'good' if i % 2 else 'bad'}", "score": float(i % 5) / 2} for i in range(30)]
+    for name in ("train.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out = _train(tmp_path, "--train-file", str(tmp_path / "train.jsonl"), "--validation-file",
+                       str(tmp_path / "dev.jsonl"), "--text-columns", "text", "--label-column", "score",
+                       "--task-type", "regression", "--model", str(tiny_models["bert"]))
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["main_metric"] == "combined"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_glue_dir(tmp_path: Path, task_dir: str, train: str, dev: str | None = None) -> Path:
+    root = tmp_path / "glue"
+    (root / task_dir).mkdir(parents=True)
+    (root / task_dir / "train.tsv").write_text(train)
+    if dev is not None:
+        with gzip.open(root / task_dir / "dev.tsv.gz", "wt") as f:
+            f.write(dev)
+    return root
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+RTE_ROW = "0\tA man sleeps.\tSomeone sleeps.\tentailment\n"
+
+
+def _bad_cases(tmp_path: Path, tiny_models) -> dict[str, tuple[list[str], str]]:
+    ok_dev = RTE_HEADER + RTE_ROW
+    return {
+        "unknown task": (["--task", "rtee"], "unknown GLUE task 'rtee'; expected one of cola, sst2"),
+        "missing data dir": (["--task", "rte", "--data-dir", str(tmp_path / "nowhere")], "nowhere"),
+        "missing file": (["--task", "rte", "--data-dir", str(_bad_glue_dir(tmp_path / "a", "RTE", RTE_HEADER + RTE_ROW))],
+                         "dev.tsv"),
+        "malformed row": (["--task", "rte", "--data-dir", str(_bad_glue_dir(
+            tmp_path / "b", "RTE", RTE_HEADER + RTE_ROW + "1\tonly two columns\n", ok_dev))], "line 3"),
+        "label outside set": (["--task", "rte", "--data-dir", str(_bad_glue_dir(
+            tmp_path / "c", "RTE", RTE_HEADER + RTE_ROW + "1\tx\ty\tcontradiction\n", ok_dev))], "contradiction"),
+        "empty split": (["--task", "rte", "--data-dir", str(_bad_glue_dir(tmp_path / "d", "RTE", RTE_HEADER, ok_dev))],
+                        "train.tsv: no data rows"),
+        "regression target not a number": (["--task", "stsb", "--data-dir", str(_bad_glue_dir(
+            tmp_path / "e", "STS-B",
+            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+            "0\tg\tf\t2012\t1\ts\ts\tA\tB\tfive\n", ""))], "five"),
+        "unknown model": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tmp_path / "no-such-model")],
+                          "no-such-model"),
+        "negative lr": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--lr", "-1"], "--lr=-1.0 is out of range"),
+        "hidden size 0": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--read-hidden-size", "0"],
+                          "ReadConfig.hidden_size=0"),
+        "unknown method": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--method", "magic"], "unknown method 'magic'"),
+        "custom task without columns": (["--train-file", str(tmp_path / "t.csv"), "--validation-file",
+                                         str(tmp_path / "v.csv")], "--text-columns"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "unknown task", "missing data dir", "missing file", "malformed row", "label outside set", "empty split",
+    "regression target not a number", "unknown model", "negative lr", "hidden size 0", "unknown method",
+    "custom task without columns",
+])
+@needs_glue
+def test_bad_input_is_one_clear_line(case, tmp_path, capsys, tiny_models):
+    arguments, expected = _bad_cases(tmp_path, tiny_models)[case]
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--model", str(tiny_models["bert"]), *FEW, *arguments]
+                if "--model" not in arguments else ["train", "--output-dir", str(out), *FEW, *arguments])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("readapt: error: "), err
+    assert expected in lines[0]
+    assert not out.exists() and not (tmp_path / ".run.partial").exists()
+
+
+@needs_glue
+def test_output_directory_holding_another_run_is_refused(tiny_models, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    code = main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+                 "--output-dir", str(out), *FEW])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+@needs_glue
+def test_eval_with_adapter_from_another_backbone(tiny_models, tmp_path, capsys):
+    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]))
+    assert code == 0
+    capsys.readouterr()
+    assert main(["eval", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["llama"]),
+                 "--adapter", str(out / "adapter"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on BertForSequenceClassification" in err and "LlamaForSequenceClassification" in err
+
+
+def test_real_process_exit_status_and_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "readapt", "train", "--task", "nope", "--output-dir",
+                           str(tmp_path / "x")], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert "unknown GLUE task 'nope'" in done.stderr
+    debug = subprocess.run([sys.executable, "-m", "readapt", "train", "--task", "nope", "--debug"],
+                           capture_output=True, text=True, check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    shutil.rmtree(tmp_path / "x", ignore_errors=True)
