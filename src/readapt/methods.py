@@ -17,7 +17,13 @@ from readapt.backbone import describe_backbone
 from readapt.config import ReadConfig
 from readapt.errors import ConfigError, IncompatibleAdapterError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
-from readapt.model import CONFIG_NAME, WEIGHTS_NAME, ReadModel, check_backbone_compatible, read_adapter_metadata
+from readapt.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ReadModel,
+    check_backbone_compatible,
+    read_adapter_metadata,
+)
 
 
 class Method:

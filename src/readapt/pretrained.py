@@ -76,7 +76,12 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
     backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
     With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     source, extra, description = _resolve(name_or_path)
     try:
