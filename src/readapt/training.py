@@ -8,6 +8,7 @@ leaves a half-written output directory.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -140,16 +141,23 @@ def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None
     """Predictions for every example of `loader`: argmax / regression output of a head, or, for
     text-to-text models, rank classification over the candidate answers (highest total log-likelihood)."""
     model.eval()
+    no_cache = _no_kv_cache(model)
     predictions: list[int | float] = []
     for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
         if candidates is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
             predictions.extend(logits.squeeze(-1).float().tolist() if task.is_regression
                                else logits.argmax(-1).tolist())
         else:
             scores = _candidate_scores(model, batch, candidates)
             predictions.extend(candidates.values[i] for i in scores.argmax(-1).tolist())
     return predictions
+
+
+def _no_kv_cache(model) -> dict[str, bool]:
+    """Scoring and training never reuse a KV cache; building one (decoder-only, seq2seq) only costs memory."""
+    forward = getattr(model, "backbone", model).forward
+    return {"use_cache": False} if "use_cache" in inspect.signature(forward).parameters else {}
 
 
 def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tensor:
@@ -240,6 +248,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     candidates = candidates_for(task, tokenizer) if text_to_text else None
     train_loader = _loader(train_features, config.batch_size, collator, True, config.seed)
 
+    no_cache = _no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -261,7 +270,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
         running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
         for batch in bar:
-            loss = model(**batch, use_cache=False).loss if text_to_text else model(**batch).loss
+            loss = model(**batch, **no_cache).loss
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
                                     "lower --lr or check the data")
