@@ -194,3 +194,40 @@ def test_chunked_recompute_gives_the_same_gradients(kind):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _other_architecture(name: str):
+    import transformers as tf
+
+    common = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+    torch.manual_seed(0)
+    if name == "roberta":
+        return tf.RobertaForSequenceClassification(tf.RobertaConfig(**common, num_labels=2)), "encoder-only", ["classifier"]
+    if name == "deberta-v2":
+        return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**common, num_labels=2)), "encoder-only", \
+            ["pooler", "classifier"]
+    if name == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2)), "decoder-only", []
+    if name == "mistral":
+        return tf.MistralForSequenceClassification(tf.MistralConfig(**common, num_key_value_heads=2, num_labels=2)), \
+            "decoder-only", ["score"]
+    if name == "mt5":
+        return tf.MT5ForConditionalGeneration(tf.MT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                           num_heads=4, decoder_start_token_id=0, pad_token_id=0)), \
+            "encoder-decoder", []
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta-v2", "qwen2", "mistral", "mt5"])
+def test_other_supported_architectures_are_detected_and_exact(name):
+    backbone, family, heads = _other_architecture(name)
+    backbone.eval()
+    input_ids = torch.randint(3, 64, (2, 6))
+    kwargs = {"decoder_input_ids": input_ids[:, :3]} if family == "encoder-decoder" else {}
+    with torch.no_grad():
+        reference = backbone(input_ids=input_ids, **kwargs).logits
+    model = get_read_model(backbone, SMALL)
+    assert model.info.family == family and model.head_module_names == heads
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids, **kwargs).logits, reference)
