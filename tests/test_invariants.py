@@ -175,9 +175,10 @@ def test_print_trainable_parameters_format(capsys):
     trainable, total = model.get_nb_trainable_parameters()
     line = capsys.readouterr().out.strip()
     assert line == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-    # BERT's classifier is the task head and is trained; the pretrained pooler stays frozen
-    assert model.head_module_names == ["classifier"]
-    assert not any(p.requires_grad for p in model.backbone.bert.pooler.parameters())
+    # BERT's classifier and the pooler that feeds it are the task head and are trained; the body is not
+    assert model.head_module_names == ["classifier", "bert.pooler"]
+    assert all(p.requires_grad for p in model.backbone.bert.pooler.parameters())
+    assert not any(p.requires_grad for p in model.backbone.bert.encoder.parameters())
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])

@@ -23,7 +23,7 @@ SUPPORTED = (
 )
 
 # Children of the top-level model that are task heads added on top of the pretrained body; they are
-# trained with READ. Everything pretrained (LM heads, poolers inside the body) stays frozen.
+# trained with READ. Pretrained LM heads and embeddings stay frozen (see describe_backbone for poolers).
 HEAD_MODULE_NAMES = ("classifier", "score", "pooler", "pre_classifier", "qa_outputs", "classification_head")
 
 
@@ -126,4 +126,11 @@ def describe_backbone(model: nn.Module) -> BackboneInfo:
         name for name, child in model.named_children()
         if child is not base and name in HEAD_MODULE_NAMES and any(True for _ in child.parameters())
     ]
+    # BERT-style encoders put a pooler (the pretraining head's dense + tanh over [CLS]) inside the body,
+    # between the corrected states and the classifier. Frozen, it squashes the correction: on
+    # all-MiniLM-L6-v2 it maps [CLS] to outputs of ~0.05, and READ did not learn SST-2 at all (dev accuracy
+    # stuck at the majority class) until the pooler trained with the classifier. It is part of the task head.
+    pooler = getattr(base, "pooler", None)
+    if family == ENCODER_ONLY and head_modules and isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        head_modules.append(f"{model.base_model_prefix}.pooler")
     return BackboneInfo(family, stacks, head_modules, config.model_type, type(model).__name__)
