@@ -208,3 +208,16 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
                            capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+@needs_glue
+def test_two_runs_into_one_output_directory_are_refused(tiny_models, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    with open(tmp_path / ".run.lock", "w") as lock:  # what a running `readapt train` holds
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+                     "--output-dir", str(out), *FEW])
+    assert code == 2 and "another readapt run is writing to" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / ".run.lock").exists()

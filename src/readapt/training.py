@@ -8,6 +8,8 @@ leaves a half-written output directory.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import inspect
 import json
 import logging
@@ -189,15 +191,43 @@ def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _prepare_output_dir(config: TrainingConfig) -> tuple[Path, Path]:
+@contextlib.contextmanager
+def _output_transaction(config: TrainingConfig):
+    """Yield a fresh staging directory; on success it replaces the output directory, on any failure it
+    is removed. A lock file keeps two runs from writing the same output directory at once."""
     output = Path(config.output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
         raise ConfigError(f"output directory {output} already holds files; pass --overwrite to replace them")
-    staging = output.parent / f".{output.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return output, staging
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(output.parent / f".{output.name}.lock", "w")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"another readapt run is writing to {output}") from None
+    try:
+        staging = output.parent / f".{output.name}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)  # left by a run that was killed
+        staging.mkdir()
+        handler = logging.FileHandler(staging / LOG_FILE, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
 
 
 def _loader(features, batch_size, collator, shuffle: bool, seed: int) -> DataLoader:
@@ -217,25 +247,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     set_seed(config.seed)
     loaded = load_backbone(config.model, task.num_labels, task.is_regression)
     model = method.prepare(loaded.model, config.method_options)
-    output, staging = _prepare_output_dir(config)
-    log_handler = logging.FileHandler(staging / LOG_FILE, encoding="utf-8")
-    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(log_handler)
-    logger.setLevel(logging.INFO)
-    try:
-        result = _train(config, method, task, train_examples, dev_examples, loaded, model, staging,
-                        Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu), get_linear_schedule_with_warmup)
-    except BaseException:
-        logger.removeHandler(log_handler)
-        log_handler.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.removeHandler(log_handler)
-    log_handler.close()
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
-    return result
+    with _output_transaction(config) as staging:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        return _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator,
+                      get_linear_schedule_with_warmup)
 
 
 def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler):
