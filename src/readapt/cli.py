@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from readapt.config import AGGREGATIONS, H0_MODES, RNN_TYPES
+from readapt.config import AGGREGATIONS, H0_MODES, RNN_TYPES, ReadConfig
 from readapt.errors import ReadaptError
 
 EXIT_BAD_INPUT = 2
@@ -59,16 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-train-samples", type=_positive_int, help="train on a seeded random subset of N rows")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    read = train.add_argument_group("READ options")
-    read.add_argument("--read-hidden-size", type=int, default=256, help="RNN hidden size r")
-    read.add_argument("--rnn-type", choices=RNN_TYPES, default="gru")
-    read.add_argument("--read-num-layers", type=int, default=1, help="stacked RNN layers")
-    read.add_argument("--read-aggregation", choices=AGGREGATIONS, default="mean")
-    read.add_argument("--read-scaling", type=float, default=1.0)
-    read.add_argument("--read-h0", choices=H0_MODES, default="zeros")
-    read.add_argument("--read-dropout", type=float, default=0.0)
-    read.add_argument("--no-read-input-projection", action="store_true", help="feed d-wide states to the RNN")
-    read.add_argument("--couple-encoder", action="store_true", help="encoder-decoder ablation (see docs)")
+    read = train.add_argument_group("READ options (defaults: readapt.ReadConfig)")
+    read.add_argument("--read-hidden-size", type=int, help=f"RNN hidden size r (default {ReadConfig().hidden_size})")
+    read.add_argument("--rnn-type", choices=RNN_TYPES)
+    read.add_argument("--read-num-layers", type=int, help=f"stacked RNN layers (default {ReadConfig().num_rnn_layers})")
+    read.add_argument("--read-aggregation", choices=AGGREGATIONS)
+    read.add_argument("--read-scaling", type=float)
+    read.add_argument("--read-h0", choices=H0_MODES)
+    read.add_argument("--read-dropout", type=float)
+    read.add_argument("--no-read-input-projection", dest="read_input_projection", action="store_false", default=None,
+                      help="feed d-wide states to the RNN")
+    read.add_argument("--couple-encoder", action="store_true", default=None, help="encoder-decoder ablation (see docs)")
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on the task's dev split(s)")
     _add_data_arguments(evaluate)
@@ -92,12 +93,13 @@ def _run_train(args) -> None:
     from readapt.training import TrainingConfig, train
 
     name = args.task or "custom"
-    read_options = {
+    given = {
         "hidden_size": args.read_hidden_size, "rnn_type": args.rnn_type, "num_rnn_layers": args.read_num_layers,
         "aggregation": args.read_aggregation, "scaling": args.read_scaling, "h0": args.read_h0,
-        "dropout": args.read_dropout, "input_projection": not args.no_read_input_projection,
+        "dropout": args.read_dropout, "input_projection": args.read_input_projection,
         "couple_encoder": args.couple_encoder,
     }
+    read_options = {key: value for key, value in given.items() if value is not None}
     config = TrainingConfig(
         data=_data_config(args), model=args.model, method=args.method,
         method_options=read_options if args.method == "read" else {},
@@ -108,8 +110,6 @@ def _run_train(args) -> None:
         progress=not args.no_progress,
     )
     if args.method == "read":  # fail on bad READ values before any data or model is loaded
-        from readapt.config import ReadConfig
-
         ReadConfig(**read_options)
     metrics = train(config)
     best = metrics["best_dev"]
