@@ -111,6 +111,54 @@ def generation_kwargs(kind: str) -> dict:
     return kwargs
 
 
+class SavedTensorCounter:
+    """Counts tensors that autograd saves for backward, split by whether a module of a backbone stack (its
+    embeddings, layers, final norm) is running. The stack module itself is left out: READ's wrapper computes
+    the side network inside its call, after the frozen body has returned."""
+
+    def __init__(self, read_model):
+        self.depth = 0
+        self.inside_stack = 0
+        self.outside_stack = 0
+        self.handles = []
+        for stack in read_model.info.stacks:
+            for module in stack.module.modules():
+                if module is stack.module:
+                    continue
+                self.handles.append(module.register_forward_pre_hook(self._enter))
+                self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, *_):
+        self.depth += 1
+
+    def _leave(self, *_):
+        self.depth -= 1
+
+    def pack(self, tensor):
+        if self.depth > 0:
+            self.inside_stack += 1
+        else:
+            self.outside_stack += 1
+        return tensor
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def backward_with_counter(model, batch):
+    """Forward in train mode under the counter, then backward; returns the counter."""
+    counter = SavedTensorCounter(model)
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            loss = model(**batch).loss
+    finally:
+        counter.close()
+    loss.backward()
+    return counter
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

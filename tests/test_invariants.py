@@ -5,57 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, GENERATIVE, generation_kwargs, make_batch, tiny_backbone, train_steps
+from conftest import (
+    FAMILIES,
+    GENERATIVE,
+    backward_with_counter,
+    generation_kwargs,
+    make_batch,
+    tiny_backbone,
+    train_steps,
+)
 from readapt import ReadConfig, get_read_model
 
 SMALL = ReadConfig(hidden_size=16)
-
-
-class SavedTensorCounter:
-    """Counts tensors that autograd saves for backward, split by whether a module of a backbone stack (its
-    embeddings, layers, final norm) is running. The stack module itself is left out: READ's wrapper computes
-    the side network inside its call, after the frozen body has returned."""
-
-    def __init__(self, read_model):
-        self.depth = 0
-        self.inside_stack = 0
-        self.outside_stack = 0
-        self.handles = []
-        for stack in read_model.info.stacks:
-            for module in stack.module.modules():
-                if module is stack.module:
-                    continue
-                self.handles.append(module.register_forward_pre_hook(self._enter))
-                self.handles.append(module.register_forward_hook(self._leave, always_call=True))
-
-    def _enter(self, *_):
-        self.depth += 1
-
-    def _leave(self, *_):
-        self.depth -= 1
-
-    def pack(self, tensor):
-        if self.depth > 0:
-            self.inside_stack += 1
-        else:
-            self.outside_stack += 1
-        return tensor
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def _backward_with_counter(model, batch):
-    counter = SavedTensorCounter(model)
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            loss = model(**batch).loss
-    finally:
-        counter.close()
-    loss.backward()
-    return counter
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -66,7 +27,7 @@ def test_backbone_never_gets_gradients_nor_keeps_activations(family, recompute):
     # (which feeds the decoder side network, itself zero at first) after two.
     train_steps(model, batch, steps=3)
     model.zero_grad(set_to_none=True)
-    counter = _backward_with_counter(model, batch)
+    counter = backward_with_counter(model, batch)
 
     head = {f"{name}." for name in model.head_module_names}
     for name, param in model.backbone.named_parameters():
@@ -85,7 +46,7 @@ def test_coupled_encoder_backpropagates_through_decoder_only(kind):
     model = get_read_model(tiny_backbone(kind), ReadConfig(hidden_size=16, couple_encoder=True))
     batch = make_batch(kind)
     train_steps(model, batch, steps=1)
-    counter = _backward_with_counter(model, batch)
+    counter = backward_with_counter(model, batch)
     # Coupled mode is an ablation: the decoder now keeps activations, the encoder still does not.
     assert counter.inside_stack > 0
     assert all(p.grad is None for p in model.backbone.parameters())

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from conftest import backward_with_counter
 from readapt import ReadConfig, ReadModel, get_read_model
 from readapt.pretrained import embedded_backbone_dir, smollm2_gguf_file
 
@@ -45,16 +46,18 @@ def test_minilm_invariants_and_round_trip(minilm, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reference)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
-    for _ in range(6):
+    for _ in range(8):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    optimizer.zero_grad()
+    assert backward_with_counter(model, batch).inside_stack == 0  # the frozen body kept nothing for backward
     for name, param in model.backbone.named_parameters():
         head = name.startswith(("classifier.", "bert.pooler."))
         assert param.requires_grad == head and (head or param.grad is None), name
@@ -90,6 +93,7 @@ def test_smollm2_invariants_generation_and_kv_cache(smollm2):
         model(**text, labels=text["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    assert backward_with_counter(model, dict(text, labels=text["input_ids"])).inside_stack == 0
     model.eval()
     assert all(p.grad is None for p in model.backbone.parameters())
     with torch.no_grad():
