@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -23,3 +25,15 @@ def test_memory_benchmark_runs_on_a_tiny_config(tmp_path, capsys):
     assert result["runs"]["read"]["trainable_params"] < result["runs"]["full"]["trainable_params"]
     assert "READ/full =" in capsys.readouterr().out
     assert (tmp_path / "memory.json").is_file()
+
+
+@pytest.mark.slow
+def test_cls_variation_diagnostic_runs(capsys):
+    import os
+
+    glue = os.environ.get("READAPT_GLUE_DIR") or str(BENCHMARKS.parent.parent / "shared" / "data" / "glue")
+    if not Path(glue).is_dir():
+        pytest.skip(f"real GLUE data not found at {glue}")
+    spreads = _load("cls_variation").main(["--data-dir", glue, "--samples", "16"])
+    assert len(spreads) == 7 and spreads[0] == 0.0  # embeddings of [CLS] are the same for every sentence
+    assert "relative spread" in capsys.readouterr().out
