@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -21,6 +22,14 @@ from transformers import (  # noqa: E402
     LlamaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real GLUE data (never copied into the repo): $READAPT_GLUE_DIR, else ../shared/data/glue beside the repo.
+REAL_GLUE_DIR = Path(os.environ.get("READAPT_GLUE_DIR") or REPO_ROOT.parent / "shared" / "data" / "glue")
+needs_real_glue = pytest.mark.skipif(
+    not REAL_GLUE_DIR.is_dir(),
+    reason=f"real GLUE data not found at {REAL_GLUE_DIR} (set READAPT_GLUE_DIR to the GLUE TSV folder)",
 )
 
 VOCAB = 64

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REAL_GLUE_DIR, needs_real_glue
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -28,12 +30,8 @@ def test_memory_benchmark_runs_on_a_tiny_config(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@needs_real_glue
 def test_cls_variation_diagnostic_runs(capsys):
-    import os
-
-    glue = os.environ.get("READAPT_GLUE_DIR") or str(BENCHMARKS.parent.parent / "shared" / "data" / "glue")
-    if not Path(glue).is_dir():
-        pytest.skip(f"real GLUE data not found at {glue}")
-    spreads = _load("cls_variation").main(["--data-dir", glue, "--samples", "16"])
+    spreads = _load("cls_variation").main(["--data-dir", str(REAL_GLUE_DIR), "--samples", "16"])
     assert len(spreads) == 7 and spreads[0] == 0.0  # embeddings of [CLS] are the same for every sentence
     assert "relative spread" in capsys.readouterr().out

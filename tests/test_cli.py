@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,12 +22,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from conftest import REAL_GLUE_DIR, needs_real_glue
 from readapt.cli import main
 from readapt.pretrained import embedded_backbone_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("READAPT_GLUE_DIR") or REPO_ROOT.parent / "shared" / "data" / "glue")
-needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE data not found at {GLUE_DIR}")
 FEW = ["--max-train-samples", "24", "--max-eval-samples", "16", "--batch-size", "8", "--epochs", "2",
        "--max-length", "48", "--no-progress"]
 
@@ -60,11 +57,11 @@ def _train(tmp_path, *extra) -> tuple[int, Path]:
     return main(["train", "--output-dir", str(out), *FEW, *extra]), out
 
 
-@needs_glue
+@needs_real_glue
 @pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"])
 @pytest.mark.parametrize("kind", ["bert", "t5"])
 def test_train_then_eval_on_real_rows(task, kind, tiny_models, tmp_path, capsys):
-    code, out = _train(tmp_path, "--task", task, "--data-dir", str(GLUE_DIR), "--model", str(tiny_models[kind]))
+    code, out = _train(tmp_path, "--task", task, "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models[kind]))
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.json", "train.log"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -80,7 +77,7 @@ def test_train_then_eval_on_real_rows(task, kind, tiny_models, tmp_path, capsys)
 
     # eval reproduces the best epoch's dev metrics from the saved adapter
     scores = tmp_path / "eval.json"
-    assert main(["eval", "--task", task, "--data-dir", str(GLUE_DIR), "--model", str(tiny_models[kind]),
+    assert main(["eval", "--task", task, "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models[kind]),
                  "--adapter", str(out / "adapter"), "--max-eval-samples", "16", "--max-length", "48",
                  "--no-progress", "--output", str(scores)]) == 0
     evaluated = json.loads(scores.read_text())["validation"]
@@ -88,17 +85,17 @@ def test_train_then_eval_on_real_rows(task, kind, tiny_models, tmp_path, capsys)
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
 
 
-@needs_glue
+@needs_real_glue
 def test_decoder_only_backbone_and_full_method(tiny_models, tmp_path, capsys):
-    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["llama"]))
+    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["llama"]))
     assert code == 0, capsys.readouterr().err
     full = tmp_path / "full"
-    assert main(["train", "--task", "mrpc", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+    assert main(["train", "--task", "mrpc", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                  "--method", "full", "--output-dir", str(full), *FEW]) == 0
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["trainable_parameters"] == metrics["total_parameters"]
     assert set(metrics["best_dev"]["validation"]) == {"accuracy", "f1", "combined"}
-    assert main(["eval", "--task", "mrpc", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+    assert main(["eval", "--task", "mrpc", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                  "--adapter", str(full / "adapter"), "--max-eval-samples", "16", "--max-length", "48",
                  "--no-progress"]) == 0
 
@@ -146,12 +143,12 @@ def _bad_cases(tmp_path: Path, tiny_models) -> dict[str, tuple[list[str], str]]:
             tmp_path / "e", "STS-B",
             "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
             "0\tg\tf\t2012\t1\ts\ts\tA\tB\tfive\n", ""))], "five"),
-        "unknown model": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tmp_path / "no-such-model")],
+        "unknown model": (["--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tmp_path / "no-such-model")],
                           "no-such-model"),
-        "negative lr": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--lr", "-1"], "--lr=-1.0 is out of range"),
-        "hidden size 0": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--read-hidden-size", "0"],
+        "negative lr": (["--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--lr", "-1"], "--lr=-1.0 is out of range"),
+        "hidden size 0": (["--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--read-hidden-size", "0"],
                           "ReadConfig.hidden_size=0"),
-        "unknown method": (["--task", "rte", "--data-dir", str(GLUE_DIR), "--method", "magic"], "unknown method 'magic'"),
+        "unknown method": (["--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--method", "magic"], "unknown method 'magic'"),
         "custom task without columns": (["--train-file", str(tmp_path / "t.csv"), "--validation-file",
                                          str(tmp_path / "v.csv")], "--text-columns"),
     }
@@ -162,7 +159,7 @@ def _bad_cases(tmp_path: Path, tiny_models) -> dict[str, tuple[list[str], str]]:
     "regression target not a number", "unknown model", "negative lr", "hidden size 0", "unknown method",
     "custom task without columns",
 ])
-@needs_glue
+@needs_real_glue
 def test_bad_input_is_one_clear_line(case, tmp_path, capsys, tiny_models):
     arguments, expected = _bad_cases(tmp_path, tiny_models)[case]
     out = tmp_path / "run"
@@ -176,23 +173,23 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys, tiny_models):
     assert not out.exists() and not (tmp_path / ".run.partial").exists()
 
 
-@needs_glue
+@needs_real_glue
 def test_output_directory_holding_another_run_is_refused(tiny_models, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    code = main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+    code = main(["train", "--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                  "--output-dir", str(out), *FEW])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["metrics.json"]
 
 
-@needs_glue
+@needs_real_glue
 def test_eval_with_adapter_from_another_backbone(tiny_models, tmp_path, capsys):
-    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]))
+    code, out = _train(tmp_path, "--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]))
     assert code == 0
     capsys.readouterr()
-    assert main(["eval", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["llama"]),
+    assert main(["eval", "--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["llama"]),
                  "--adapter", str(out / "adapter"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "trained on BertForSequenceClassification" in err and "LlamaForSequenceClassification" in err
@@ -210,14 +207,14 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
 
 
-@needs_glue
+@needs_real_glue
 def test_two_runs_into_one_output_directory_are_refused(tiny_models, tmp_path, capsys):
     import fcntl
 
     out = tmp_path / "run"
     with open(tmp_path / ".run.lock", "w") as lock:  # what a running `readapt train` holds
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code = main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--model", str(tiny_models["bert"]),
+        code = main(["train", "--task", "rte", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                      "--output-dir", str(out), *FEW])
     assert code == 2 and "another readapt run is writing to" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / ".run.lock").exists()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import REAL_GLUE_DIR, needs_real_glue
 from readapt.errors import DataError
 from readapt.tasks import (
     GLUE_TASKS,
@@ -24,21 +24,12 @@ from readapt.tasks import (
     text_to_stsb,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_GLUE_DIR = Path(os.environ.get("READAPT_GLUE_DIR") or REPO_ROOT.parent / "shared" / "data" / "glue")
-
 
 def real_glue_file(glue_dir: str, stem: str) -> Path | None:
     for name in (f"{stem}.tsv", f"{stem}.tsv.gz"):
         if (REAL_GLUE_DIR / glue_dir / name).is_file():
             return REAL_GLUE_DIR / glue_dir / name
     return None
-
-
-needs_real_glue = pytest.mark.skipif(
-    not REAL_GLUE_DIR.is_dir(),
-    reason=f"real GLUE data not found at {REAL_GLUE_DIR} (set READAPT_GLUE_DIR to the GLUE TSV folder)",
-)
 
 
 def write_file(path: Path, content: str | bytes, gz: bool = False) -> Path:
