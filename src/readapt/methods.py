@@ -7,7 +7,6 @@ its options, the backbone signature) and `adapter_model.safetensors`.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,7 @@ class ReadMethod(Method):
     default_lr = 1e-3
 
     def prepare(self, backbone, options):
-        known = {f.name for f in dataclasses.fields(ReadConfig) if f.init}
-        return ReadModel(backbone, ReadConfig(**{k: v for k, v in options.items() if k in known}))
+        return ReadModel(backbone, ReadConfig.from_dict(options))  # unknown options are an error
 
     def save(self, model, directory):
         model.save_pretrained(directory)
@@ -67,7 +65,7 @@ class FullFineTuning(Method):
         return backbone.requires_grad_(True)
 
     def save(self, model, directory):
-        state = {k: v for k, v in model.state_dict().items()}
+        state = model.state_dict()
         # Tied weights (e.g. T5's shared embedding and LM head) are one tensor: safetensors refuses
         # aliases, so keep each storage once and re-tie on load (load_state_dict with strict=False).
         seen, unique = set(), {}
