@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, tiny_backbone, train_steps
 
+from conftest import make_batch, tiny_backbone, train_steps
 from readapt import ConfigError, IncompatibleAdapterError
 from readapt.methods import METHODS, get_method, method_of
 
