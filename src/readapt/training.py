@@ -176,13 +176,34 @@ def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tenso
     return torch.stack(scores, dim=-1)
 
 
-def evaluate_splits(model, task: Task, loaders: dict[str, DataLoader], candidates: Candidates | None,
-                    references: dict[str, list], progress: bool) -> dict[str, dict[str, float]]:
-    results = {}
-    for split, loader in loaders.items():
-        predictions = predict(model, loader, task, candidates, progress, description=f"eval {split}")
-        results[split] = compute_metrics(task, predictions, references[split])
-    return results
+@dataclass
+class DevEvaluator:
+    """The dev split(s) of a task, encoded once, and how to score a model on them."""
+
+    task: Task
+    loaders: dict[str, DataLoader]
+    references: dict[str, list]
+    candidates: Candidates | None  # text-to-text: the answers ranked at prediction time
+
+    @classmethod
+    def build(cls, task: Task, dev_examples: dict[str, list[Example]], loaded, max_length: int, batch_size: int,
+              accelerator) -> DevEvaluator:
+        collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
+        loaders = {
+            split: accelerator.prepare(_loader(encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text),
+                                               batch_size, collator, shuffle=False, seed=0))
+            for split, rows in dev_examples.items()
+        }
+        references = {split: [e.label for e in rows] for split, rows in dev_examples.items()}
+        candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
+        return cls(task, loaders, references, candidates)
+
+    def __call__(self, model, progress: bool) -> dict[str, dict[str, float]]:
+        results = {}
+        for split, loader in self.loaders.items():
+            predictions = predict(model, loader, self.task, self.candidates, progress, description=f"eval {split}")
+            results[split] = compute_metrics(self.task, predictions, self.references[split])
+        return results
 
 
 def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
@@ -230,7 +251,7 @@ def _output_transaction(config: TrainingConfig):
         lock.close()
 
 
-def _loader(features, batch_size, collator, shuffle: bool, seed: int) -> DataLoader:
+def _loader(features, batch_size, collator, *, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)
 
@@ -254,14 +275,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
 
 def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler):
-    tokenizer, text_to_text = loaded.tokenizer, loaded.text_to_text
-    collator = Collator(tokenizer.pad_token_id, text_to_text, task.is_regression)
-    train_features = encode(task, train_examples, tokenizer, config.max_length, text_to_text)
-    dev_loaders = {s: _loader(encode(task, rows, tokenizer, config.max_length, text_to_text), config.eval_batch_size,
-                              collator, False, config.seed) for s, rows in dev_examples.items()}
-    references = {s: [e.label for e in rows] for s, rows in dev_examples.items()}
-    candidates = candidates_for(task, tokenizer) if text_to_text else None
-    train_loader = _loader(train_features, config.batch_size, collator, True, config.seed)
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
+    train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text)
+    train_loader = _loader(train_features, config.batch_size, collator, shuffle=True, seed=config.seed)
+    evaluate = DevEvaluator.build(task, dev_examples, loaded, config.max_length, config.eval_batch_size, accelerator)
 
     no_cache = _no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -270,7 +287,6 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     total_steps = config.epochs * len(train_loader)
     scheduler = make_scheduler(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    dev_loaders = {s: accelerator.prepare(loader) for s, loader in dev_loaders.items()}
     logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable of %d parameters",
                 task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()}, loaded.source,
                 config.method, n_trainable, n_total)
@@ -299,8 +315,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
             seen += 1
             bar.set_postfix(loss=f"{running / seen:.4f}")
         train_seconds += epoch_clock.seconds()
-        results = evaluate_splits(accelerator.unwrap_model(model), task, dev_loaders, candidates, references,
-                                  config.progress)
+        results = evaluate(accelerator.unwrap_model(model), config.progress)
         score = main_score(task, results)
         record = {"epoch": epoch, "train_loss": running / max(seen, 1), "dev": results, "score": score,
                   "elapsed_seconds": clock.seconds(), "train_seconds_so_far": train_seconds}
@@ -353,10 +368,5 @@ def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Pa
     loaded = load_backbone(model_name, task.num_labels, task.is_regression)
     model = method.load(loaded.model, Path(adapter))
     accelerator = Accelerator(cpu=cpu)
-    model = accelerator.prepare(model)
-    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
-    loaders = {s: accelerator.prepare(_loader(encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text),
-                                              batch_size, collator, False, 0)) for s, rows in dev_examples.items()}
-    candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
-    references = {s: [e.label for e in rows] for s, rows in dev_examples.items()}
-    return evaluate_splits(model, task, loaders, candidates, references, progress)
+    evaluate = DevEvaluator.build(task, dev_examples, loaded, max_length, batch_size, accelerator)
+    return evaluate(accelerator.prepare(model), progress)
