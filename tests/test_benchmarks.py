@@ -35,3 +35,10 @@ def test_cls_variation_diagnostic_runs(capsys):
     spreads = _load("cls_variation").main(["--data-dir", str(REAL_GLUE_DIR), "--samples", "16"])
     assert len(spreads) == 7 and spreads[0] == 0.0  # embeddings of [CLS] are the same for every sentence
     assert "relative spread" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_step_time_benchmark_runs(capsys):
+    results = _load("step_time").main(["--batch-size", "2", "--length", "16", "--repeats", "1"])
+    assert len(results) == 4 and all(seconds > 0 for seconds in results.values())
+    assert "READ step, default config" in capsys.readouterr().out
