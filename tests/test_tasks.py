@@ -119,19 +119,21 @@ def test_all_nine_glue_tasks_with_their_folders():
     }
 
 
-@pytest.mark.parametrize(
-    ("name", "label_names"),
-    [  # index order of the Hugging Face nyu-mll/glue ClassLabels
-        ("cola", ("unacceptable", "acceptable")),
-        ("sst2", ("negative", "positive")),
-        ("mrpc", ("not_equivalent", "equivalent")),
-        ("qqp", ("not_duplicate", "duplicate")),
-        ("mnli", ("entailment", "neutral", "contradiction")),
-        ("qnli", ("entailment", "not_entailment")),
-        ("rte", ("entailment", "not_entailment")),
-        ("wnli", ("not_entailment", "entailment")),
-    ],
-)
+# Label names in the index order of the Hugging Face nyu-mll/glue ClassLabels; T5 used the same words as
+# its verbalizers, so they are also the expected label words.
+HUB_LABELS = [
+    ("cola", ("unacceptable", "acceptable")),
+    ("sst2", ("negative", "positive")),
+    ("mrpc", ("not_equivalent", "equivalent")),
+    ("qqp", ("not_duplicate", "duplicate")),
+    ("mnli", ("entailment", "neutral", "contradiction")),
+    ("qnli", ("entailment", "not_entailment")),
+    ("rte", ("entailment", "not_entailment")),
+    ("wnli", ("not_entailment", "entailment")),
+]
+
+
+@pytest.mark.parametrize(("name", "label_names"), HUB_LABELS)
 def test_label_names_follow_hub_index_order(name, label_names):
     task = get_task(name)
     assert task.label_names == label_names
@@ -197,19 +199,7 @@ def test_format_text_to_text_rejects_wrong_number_of_texts():
         get_task("rte").format_text_to_text(Example(texts=("only one",), label=0, idx=0))
 
 
-@pytest.mark.parametrize(
-    ("name", "label_words"),
-    [  # T5 verbalizers, in label-index order
-        ("cola", ("unacceptable", "acceptable")),
-        ("sst2", ("negative", "positive")),
-        ("mrpc", ("not_equivalent", "equivalent")),
-        ("qqp", ("not_duplicate", "duplicate")),
-        ("mnli", ("entailment", "neutral", "contradiction")),
-        ("qnli", ("entailment", "not_entailment")),
-        ("rte", ("entailment", "not_entailment")),
-        ("wnli", ("not_entailment", "entailment")),
-    ],
-)
+@pytest.mark.parametrize(("name", "label_words"), HUB_LABELS)
 def test_label_words_round_trip(name, label_words):
     task = get_task(name)
     assert task.label_words == label_words
