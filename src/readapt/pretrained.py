@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from readapt.errors import ReadaptError
 
 if TYPE_CHECKING:
@@ -71,8 +69,7 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
     return name_or_path, {}, name_or_path
 
 
-def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False,
-                  dtype: torch.dtype | None = None) -> LoadedBackbone:
+def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False) -> LoadedBackbone:
     """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
     backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
     With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works."""
@@ -90,7 +87,7 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ReadaptError(f"cannot load model {name_or_path!r}: {first_line}") from None
-    kwargs = dict(extra, dtype=dtype) if dtype is not None else dict(extra)
+    kwargs = dict(extra)
     if getattr(config, "is_encoder_decoder", False):
         model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
         return LoadedBackbone(model.eval(), tokenizer, True, description)
