@@ -1,9 +1,4 @@
-"""Fine-tuning methods behind one small interface, so that one training loop serves them all.
-
-A method turns a loaded backbone into the model to train (`prepare`), writes what it trained (`save`) and
-puts it back onto a fresh backbone (`load`). Each saved directory holds `adapter_config.json` (which method,
-its options, the backbone signature) and `adapter_model.safetensors`.
-"""
+"""Full fine-tuning: every backbone weight trained; the saved 'adapter' is the whole model's weights."""
 
 from __future__ import annotations
 
@@ -13,46 +8,15 @@ from typing import Any
 from torch import nn
 
 from readapt.backbone import describe_backbone
-from readapt.config import ReadConfig
-from readapt.errors import ConfigError, IncompatibleAdapterError
+from readapt.errors import IncompatibleAdapterError
+from readapt.methods.base import Method, check_options
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from readapt.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    ReadModel,
     check_backbone_compatible,
     read_adapter_metadata,
 )
-
-
-class Method:
-    name: str
-    default_lr: float
-
-    def prepare(self, backbone: nn.Module, options: dict[str, Any]) -> nn.Module:
-        raise NotImplementedError
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        raise NotImplementedError
-
-    def load(self, backbone: nn.Module, directory: Path) -> nn.Module:
-        raise NotImplementedError
-
-
-class ReadMethod(Method):
-    """READ: frozen backbone, recurrent side network across its layers (readapt.model)."""
-
-    name = "read"
-    default_lr = 1e-3
-
-    def prepare(self, backbone, options):
-        return ReadModel(backbone, ReadConfig.from_dict(options))  # unknown options are an error
-
-    def save(self, model, directory):
-        model.save_pretrained(directory)
-
-    def load(self, backbone, directory):
-        return ReadModel.from_pretrained(backbone, directory)
 
 
 class FullFineTuning(Method):
@@ -62,6 +26,7 @@ class FullFineTuning(Method):
     default_lr = 5e-5
 
     def prepare(self, backbone, options):
+        check_options(self.name, options, {})
         return backbone.requires_grad_(True)
 
     def save(self, model, directory):
@@ -101,17 +66,3 @@ def _is_tied(model: nn.Module, key: str, saved: dict) -> bool:
     if target is None:
         return False
     return any(params.get(other) is target for other in saved)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (ReadMethod(), FullFineTuning())}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def method_of(directory: Path) -> Method:
-    """The method that wrote an adapter directory."""
-    return get_method(read_adapter_metadata(Path(directory))["method"])
