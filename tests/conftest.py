@@ -125,12 +125,15 @@ class SavedTensorCounter:
     embeddings, layers, final norm) is running. The stack module itself is left out: READ's wrapper computes
     the side network inside its call, after the frozen body has returned."""
 
-    def __init__(self, read_model):
+    def __init__(self, model):
+        from readapt.backbone import describe_backbone
+
         self.depth = 0
         self.inside_stack = 0
         self.outside_stack = 0
         self.handles = []
-        for stack in read_model.info.stacks:
+        info = getattr(model, "info", None) or describe_backbone(getattr(model, "backbone", model))
+        for stack in info.stacks:
             for module in stack.module.modules():
                 if module is stack.module:
                     continue

@@ -93,7 +93,7 @@ def test_decoder_only_backbone_and_full_method(tiny_models, tmp_path, capsys):
     assert main(["train", "--task", "mrpc", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                  "--method", "full", "--output-dir", str(full), *FEW]) == 0
     metrics = json.loads((full / "metrics.json").read_text())
-    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert metrics["trainable_parameters"] == metrics["backbone_parameters"]
     assert set(metrics["best_dev"]["validation"]) == {"accuracy", "f1", "combined"}
     assert main(["eval", "--task", "mrpc", "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["bert"]),
                  "--adapter", str(full / "adapter"), "--max-eval-samples", "16", "--max-length", "48",

@@ -40,13 +40,57 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+METHOD_NAMES = ("read", "full", "lora", "adapter", "bitfit", "prompt", "lst")
+# Named flags of the baselines' main options -> (method, option); anything else: --method-option KEY=VALUE.
+METHOD_FLAGS = {
+    "lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"), "lora_dropout": ("lora", "dropout"),
+    "adapter_bottleneck": ("adapter", "bottleneck"), "prompt_tokens": ("prompt", "num_virtual_tokens"),
+    "lst_reduction_factor": ("lst", "reduction_factor"),
+}
+
+
+def _add_method_option_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("baseline options (used only with their --method)")
+    group.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    group.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 8)")
+    group.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0)")
+    group.add_argument("--adapter-bottleneck", type=int, help="Houlsby adapter bottleneck size (default 64)")
+    group.add_argument("--prompt-tokens", type=int, help="prompt tuning: number of virtual tokens (default 20)")
+    group.add_argument("--lst-reduction-factor", type=int, help="LST side-network width = d / this (default 8)")
+    group.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="any option of the chosen method (value parsed as JSON, else a string); repeatable")
+
+
+def method_options_from_args(args) -> dict:
+    """The chosen method's options from the command line; a flag of another method is an error."""
+    from readapt.errors import ConfigError
+
+    options = {}
+    for flag, (method, option) in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if method != args.method:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --method {method}, not {args.method}")
+        options[option] = value
+    for item in args.method_option:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="readapt", description="Fine-tune frozen transformers with READ.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune on a task and keep the best adapter")
     _add_data_arguments(train)
-    train.add_argument("--method", default="read", help="fine-tuning method: read, full")
+    train.add_argument("--method", default="read", help="fine-tuning method: " + ", ".join(METHOD_NAMES))
     train.add_argument("--output-dir", help="where the adapter, metrics.json and train.log go (default: runs/<task>-<method>)")
     train.add_argument("--overwrite", action="store_true", help="replace an output directory that holds files")
     train.add_argument("--epochs", type=int, default=3)
@@ -70,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--no-read-input-projection", dest="read_input_projection", action="store_false", default=None,
                       help="feed d-wide states to the RNN")
     read.add_argument("--couple-encoder", action="store_true", default=None, help="encoder-decoder ablation (see docs)")
+
+    _add_method_option_arguments(train)
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on the task's dev split(s)")
     _add_data_arguments(evaluate)
@@ -100,17 +146,17 @@ def _run_train(args) -> None:
         "couple_encoder": args.couple_encoder,
     }
     read_options = {key: value for key, value in given.items() if value is not None}
+    if read_options and args.method != "read":
+        raise ReadaptError(f"READ options ({', '.join(sorted(read_options))}) apply to --method read, not {args.method}")
+    options = {**read_options, **method_options_from_args(args)}
     config = TrainingConfig(
-        data=_data_config(args), model=args.model, method=args.method,
-        method_options=read_options if args.method == "read" else {},
+        data=_data_config(args), model=args.model, method=args.method, method_options=options,
         output_dir=args.output_dir or os.path.join("runs", f"{name}-{args.method}"), overwrite=args.overwrite,
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         max_length=args.max_length, seed=args.seed, mixed_precision=args.mixed_precision, cpu=args.cpu,
         progress=not args.no_progress,
     )
-    if args.method == "read":  # fail on bad READ values before any data or model is loaded
-        ReadConfig(**read_options)
     metrics = train(config)
     best = metrics["best_dev"]
     print(f"\nreadapt train: {metrics['task']} with {metrics['method']} on {metrics['model']}")
@@ -118,7 +164,8 @@ def _run_train(args) -> None:
           + "; ".join(f"{split} " + ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items()) for split, m in best.items()))
     print(f"  train time {metrics['train_seconds']:.1f} s (wall {metrics['wall_seconds']:.1f} s with evaluation)")
     print(f"  peak memory {metrics['peak_memory_bytes'] / 2**20:.1f} MiB ({metrics['peak_memory_meter']})")
-    print(f"  trainable parameters {metrics['trainable_parameters']:,d} of {metrics['total_parameters']:,d}")
+    print(f"  trainable parameters {metrics['trainable_parameters']:,d} "
+          f"({metrics['trainable_percent']:.3f}% of the backbone's {metrics['backbone_parameters']:,d})")
     print(f"  output: {config.output_dir}")
 
 

@@ -29,7 +29,7 @@ from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, ReadaptError
 from readapt.io import atomic_write_json
 from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
-from readapt.methods import get_method, method_of
+from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
 from readapt.pretrained import load_backbone
 from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
 
@@ -93,7 +93,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         self.data.validate()
-        get_method(self.method)
+        get_method(self.method).validate_options(self.method_options)
         checks = {
             "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
             "max_length": self.max_length >= 8, "weight_decay": self.weight_decay >= 0,
@@ -164,13 +164,15 @@ def _no_kv_cache(model) -> dict[str, bool]:
 
 def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tensor:
     # The encoder runs once; its output (with READ's corrected states attached) serves every candidate.
-    encoder_outputs = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Prompt tuning changes the encoder's input (virtual tokens), so there the whole model runs per candidate.
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    inputs = {"input_ids": batch["input_ids"]} if prompt_learning else {
+        "encoder_outputs": model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])}
     size = batch["input_ids"].shape[0]
     scores = []
     for token_ids in candidates.token_ids:
         labels = torch.tensor(token_ids, device=batch["input_ids"].device).repeat(size, 1)
-        logits = model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"], labels=labels,
-                       use_cache=False).logits
+        logits = model(**inputs, attention_mask=batch["attention_mask"], labels=labels, use_cache=False).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         scores.append(log_probs.sum(-1))
     return torch.stack(scores, dim=-1)
@@ -267,14 +269,16 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     task, train_examples, dev_examples = load_task_data(config.data, config.seed)
     set_seed(config.seed)
     loaded = load_backbone(config.model, task.num_labels, task.is_regression)
+    backbone_parameters = count_parameters(loaded.model)  # before the method adds any
     model = method.prepare(loaded.model, config.method_options)
     with _output_transaction(config) as staging:
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
         return _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator,
-                      get_linear_schedule_with_warmup)
+                      get_linear_schedule_with_warmup, backbone_parameters)
 
 
-def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler):
+def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler,
+           backbone_parameters):
     collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
     train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text)
     train_loader = _loader(train_features, config.batch_size, collator, shuffle=True, seed=config.seed)
@@ -282,14 +286,14 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
 
     no_cache = _no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    parameters = TrainableCount(count_trainable(model), backbone_parameters)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = config.epochs * len(train_loader)
     scheduler = make_scheduler(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable of %d parameters",
-                task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()}, loaded.source,
-                config.method, n_trainable, n_total)
+    logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable parameters (%.3f%% of the "
+                "backbone's %d)", task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()},
+                loaded.source, config.method, parameters.trainable, parameters.percent, parameters.backbone)
 
     meter = PeakMemoryMeter(accelerator.device)
     meter.start()
@@ -340,7 +344,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
         "wall_seconds": clock.seconds(),  # training and per-epoch evaluation
         "peak_memory_bytes": peak, "peak_memory_meter": meter.name,
         "memory_at_training_start_bytes": meter.baseline_bytes,
-        "trainable_parameters": n_trainable, "total_parameters": n_total,
+        # every method counted the same way: tensors with requires_grad (head included) / backbone parameters
+        "trainable_parameters": parameters.trainable, "backbone_parameters": parameters.backbone,
+        "trainable_percent": parameters.percent,
         "train_examples": len(train_examples), "dev_examples": {s: len(r) for s, r in dev_examples.items()},
         "config": _config_dict(config), "versions": versions(), "machine": machine(),
         "device": str(accelerator.device), "mixed_precision": config.mixed_precision,

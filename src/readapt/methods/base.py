@@ -36,6 +36,10 @@ class Method:
     def prepare(self, backbone: nn.Module, options: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
+    def validate_options(self, options: dict[str, Any]) -> None:
+        """Raise ConfigError for unknown or out-of-range options, before any data or model is loaded."""
+        check_options(self.name, options, {})
+
     def save(self, model: nn.Module, directory: Path) -> None:
         raise NotImplementedError
 
@@ -114,6 +118,9 @@ class PartialMethod(Method):
     def options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in (stored in adapter_config.json)."""
         return check_options(self.name, options, self.defaults)
+
+    def validate_options(self, options):
+        self.options(options)
 
     def build(self, backbone: nn.Module, options: dict[str, Any], info: BackboneInfo) -> nn.Module:
         raise NotImplementedError

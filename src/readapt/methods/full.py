@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from readapt.backbone import describe_backbone
 from readapt.errors import IncompatibleAdapterError
-from readapt.methods.base import Method, check_options
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from readapt.methods.base import Method, check_options
 from readapt.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,

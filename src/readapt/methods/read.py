@@ -12,6 +12,9 @@ class ReadMethod(Method):
     default_lr = 1e-3
     backpropagates_through_backbone = False
 
+    def validate_options(self, options):
+        ReadConfig.from_dict(options)
+
     def prepare(self, backbone, options):
         return ReadModel(backbone, ReadConfig.from_dict(options))  # unknown options are an error
 
