@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
     BertConfig,
@@ -174,3 +175,27 @@ def backward_with_counter(model, batch):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def _save_tiny(model, path: Path) -> Path:
+    """A tiny random backbone saved as a local HF folder, with the embedded backbone's (BERT) tokenizer."""
+    from readapt.pretrained import embedded_backbone_dir
+
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_backbone_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    vocab = 30522  # the BERT tokenizer's
+    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=102))
+    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, pad_token_id=0))
+    return {name: _save_tiny(model, root / name) for name, model in (("bert", bert), ("t5", t5), ("llama", llama))}

@@ -11,45 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
 from conftest import REAL_GLUE_DIR, needs_real_glue
 from readapt.cli import main
-from readapt.pretrained import embedded_backbone_dir
 
 FEW = ["--max-train-samples", "24", "--max-eval-samples", "16", "--batch-size", "8", "--epochs", "2",
        "--max-length", "48", "--no-progress"]
-
-
-def _save_tiny(model, path: Path) -> Path:
-    """A tiny random backbone saved as a local HF folder, with the embedded backbone's (BERT) tokenizer."""
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_backbone_dir()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-models")
-    torch.manual_seed(0)
-    vocab = 30522  # the BERT tokenizer's
-    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=4, intermediate_size=64))
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=102))
-    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=2, num_attention_heads=4,
-                                                       num_key_value_heads=2, pad_token_id=0))
-    return {name: _save_tiny(model, root / name) for name, model in (("bert", bert), ("t5", t5), ("llama", llama))}
 
 
 def _train(tmp_path, *extra) -> tuple[int, Path]:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from readapt.config import AGGREGATIONS, H0_MODES, RNN_TYPES, ReadConfig
 from readapt.errors import ReadaptError
@@ -117,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_method_option_arguments(train)
 
+    bench = commands.add_parser("bench", help="run the method comparison matrix (fresh process per run, resumable)")
+    bench.add_argument("--tasks", default="rte,mrpc,stsb,cola,sst2", help="comma-separated GLUE tasks")
+    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
+    bench.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
+    bench.add_argument("--baseline-seeds", type=_positive_int,
+                       help="use only the first N seeds for methods other than read and full (default: all)")
+    bench.add_argument("--model", help="backbone (default: the embedded all-MiniLM-L6-v2)")
+    bench.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR)")
+    bench.add_argument("--max-train-samples", type=_positive_int, help="seeded random training subset per task")
+    bench.add_argument("--max-eval-samples", type=_positive_int, help="score only the first N dev rows")
+    bench.add_argument("--epochs", type=_positive_int, default=3)
+    bench.add_argument("--batch-size", type=_positive_int, default=32)
+    bench.add_argument("--max-length", type=_positive_int, default=128)
+    bench.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE",
+                       help="learning rate of one method (default: the method's); repeatable")
+    bench.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                       help="an option of one method, e.g. lora.r=16 (value parsed as JSON); repeatable")
+    bench.add_argument("--memory-batch-sizes", default="",
+                       help="also measure training peak memory per method at these batch sizes, e.g. 8,16,32")
+    bench.add_argument("--jobs", type=_positive_int, default=1, help="runs at once (each in its own process)")
+    bench.add_argument("--threads-per-job", type=_positive_int, help="torch threads per run (default: cores / jobs)")
+    bench.add_argument("--output-dir", required=True, help="results.jsonl, table.md, results.csv, plots, runs/")
+    bench.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--debug", action="store_true", help="show tracebacks")
+
     evaluate = commands.add_parser("eval", help="score a trained adapter on the task's dev split(s)")
     _add_data_arguments(evaluate)
     evaluate.add_argument("--adapter", required=True, help="adapter directory written by `readapt train`")
@@ -180,6 +207,58 @@ def _run_eval(args) -> None:
         atomic_write_json(args.output, results)
 
 
+def _comma_list(text: str, name: str, convert=str) -> list:
+    try:
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ReadaptError(f"--{name}={text!r}: expected a comma-separated list") from None
+
+
+def _run_bench(args) -> None:
+    from readapt.bench.report import write_reports
+    from readapt.bench.runner import BenchConfig, run_bench
+
+    learning_rates, method_options = {}, {}
+    for item in args.lr:
+        method, sep, value = item.partition("=")
+        try:
+            learning_rates[method.strip()] = float(value)
+        except ValueError:
+            raise ReadaptError(f"--lr {item!r}: expected METHOD=VALUE, e.g. read=1e-3") from None
+        if not sep or not learning_rates[method.strip()] > 0:
+            raise ReadaptError(f"--lr {item!r}: expected METHOD=VALUE with a positive value")
+    for item in args.method_option:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot:
+            raise ReadaptError(f"--method-option {item!r}: expected METHOD.KEY=VALUE, e.g. lora.r=16")
+        try:
+            method_options.setdefault(method, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            method_options.setdefault(method, {})[key] = value
+    config = BenchConfig(
+        output_dir=args.output_dir, tasks=_comma_list(args.tasks, "tasks"), methods=_comma_list(args.methods, "methods"),
+        seeds=_comma_list(args.seeds, "seeds", int), baseline_seeds=args.baseline_seeds, model=args.model,
+        data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, learning_rates=learning_rates,
+        method_options=method_options, memory_batch_sizes=_comma_list(args.memory_batch_sizes, "memory-batch-sizes", int),
+        jobs=args.jobs, threads_per_job=args.threads_per_job, cpu=args.cpu,
+    )
+    for method in learning_rates:
+        if method not in config.methods:
+            raise ReadaptError(f"--lr names method {method!r}, which is not in --methods")
+    records = run_bench(config, progress=not args.no_progress)
+    written = write_reports(Path(args.output_dir))  # notes: stored in bench_config.json
+    failed = [r for r in records if r.get("status") != "ok"]
+    print(f"readapt bench: {len(records) - len(failed)} of {len(records)} measurements ok; "
+          f"reports: {', '.join(str(p) for p in written.values())}")
+    for record in failed:
+        print(f"  failed: {record.get('task', 'memory')}/{record['method']}/{record.get('seed', record.get('batch_size'))}: "
+              f"{record.get('error')}", file=sys.stderr)
+    if failed:
+        raise ReadaptError(f"{len(failed)} measurement(s) failed; re-run the same command to retry them")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -190,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             _run_train(args)
+        elif args.command == "bench":
+            _run_bench(args)
         else:
             _run_eval(args)
     except ReadaptError as exc:

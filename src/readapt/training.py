@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,10 +299,10 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     meter = PeakMemoryMeter(accelerator.device)
     meter.start()
     clock = Stopwatch()
-    epochs, best, step, train_seconds = [], None, 0, 0.0
+    epochs, best, step, train_seconds, train_cpu_seconds = [], None, 0, 0.0, 0.0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        epoch_clock = Stopwatch()
+        epoch_clock, epoch_cpu = Stopwatch(), time.process_time()
         running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
         for batch in bar:
@@ -319,6 +320,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
             seen += 1
             bar.set_postfix(loss=f"{running / seen:.4f}")
         train_seconds += epoch_clock.seconds()
+        train_cpu_seconds += time.process_time() - epoch_cpu
         results = evaluate(accelerator.unwrap_model(model), config.progress)
         score = main_score(task, results)
         record = {"epoch": epoch, "train_loss": running / max(seen, 1), "dev": results, "score": score,
@@ -341,6 +343,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
         "best_epoch": best["epoch"], "best_dev": best["dev"], "best_score": best["score"],
         "epochs": epochs,
         "train_seconds": train_seconds,  # training steps only
+        # CPU time of this process over the training steps (all threads): unlike wall time, it does not grow
+        # when other processes share the cores, so it compares methods fairly on a busy machine
+        "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": clock.seconds(),  # training and per-epoch evaluation
         "peak_memory_bytes": peak, "peak_memory_meter": meter.name,
         "memory_at_training_start_bytes": meter.baseline_bytes,

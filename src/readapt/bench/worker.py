@@ -1,0 +1,198 @@
+"""One benchmark measurement in a fresh process: `python -m readapt.bench.worker SPEC.json RESULT.json`.
+
+SPEC.json says what to do: "run" trains one (task, method, seed) cell (readapt.training.train) under the
+energy meter, then, in another fresh process, "inference" measures latency and peak memory of the trained
+adapter; "memory" measures the peak memory of training steps at one batch size. The result goes to
+RESULT.json atomically; the parent (runner.py) collects it. Everything in-process so a failure is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+INFERENCE_BATCH_SIZES = (1, 32)
+INFERENCE_REPEATS = {1: 32, 32: 4}  # batches timed per batch size (after one warm-up batch)
+
+
+def _configure_threads(spec: dict) -> None:
+    threads = spec.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def run_training(spec: dict) -> dict[str, Any]:
+    """Train one cell and measure its energy; then measure inference in a fresh process."""
+    import torch
+
+    from readapt.energy import EnergyMeter
+    from readapt.training import DataConfig, TrainingConfig, train
+
+    config = TrainingConfig(
+        data=DataConfig(task=spec["task"], data_dir=spec.get("data_dir"), max_train_samples=spec.get("max_train_samples"),
+                        max_eval_samples=spec.get("max_eval_samples")),
+        model=spec.get("model"), method=spec["method"], method_options=spec.get("method_options", {}),
+        output_dir=spec["run_dir"], overwrite=True, epochs=spec["epochs"], batch_size=spec["batch_size"],
+        lr=spec.get("lr"), max_length=spec["max_length"], seed=spec["seed"], cpu=spec.get("cpu", False),
+        progress=False,
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    energy = EnergyMeter(device)
+    energy.start()
+    metrics = train(config)
+    reading = energy.stop()
+    inference = _measure_in_fresh_process({**spec, "action": "inference"}, Path(spec["run_dir"]) / "inference.json")
+    scores = {k: 100.0 * v for split in metrics["best_dev"].values() for k, v in split.items()}
+    return {
+        "kind": "run", "task": spec["task"], "method": spec["method"], "seed": spec["seed"], "model": metrics["model"],
+        "score": 100.0 * metrics["best_score"], "main_metric": metrics["main_metric"], "metrics": scores,
+        "best_epoch": metrics["best_epoch"], "epochs": spec["epochs"],
+        "peak_memory_mb": metrics["peak_memory_bytes"] / 2**20, "memory_meter": metrics["peak_memory_meter"],
+        "energy_j": reading.joules, "energy_meter": reading.meter, "energy_measured": reading.measured,
+        "energy_detail": reading.detail,
+        "train_seconds": metrics["train_seconds"], "train_cpu_seconds": metrics["train_cpu_seconds"],
+        "wall_seconds": metrics["wall_seconds"],
+        "trainable_params": metrics["trainable_parameters"], "trainable_percent": metrics["trainable_percent"],
+        "backbone_params": metrics["backbone_parameters"],
+        "train_examples": metrics["train_examples"], "dev_examples": metrics["dev_examples"],
+        "learning_rate": metrics["config"]["learning_rate"], "batch_size": spec["batch_size"],
+        "max_length": spec["max_length"], "method_options": spec.get("method_options", {}),
+        "inference": inference, "device": metrics["device"], "threads": torch.get_num_threads(),
+        "machine": metrics["machine"], "versions": metrics["versions"],
+    }
+
+
+def measure_inference(spec: dict) -> dict[str, Any]:
+    """Latency (median seconds per batch, in ms) at batch 1 and 32 on the task's dev rows, and the peak
+    memory of inference with the trained adapter loaded (meter reset after loading)."""
+    import torch
+    from accelerate import Accelerator
+
+    from readapt.data import Collator, candidates_for, encode
+    from readapt.measure import PeakMemoryMeter
+    from readapt.methods import method_of
+    from readapt.pretrained import load_backbone
+    from readapt.training import ADAPTER_DIR, DataConfig, _loader, load_task_data, predict
+
+    task, _, dev = load_task_data(DataConfig(task=spec["task"], data_dir=spec.get("data_dir")), seed=0)
+    rows = next(iter(dev.values()))
+    loaded = load_backbone(spec.get("model"), task.num_labels, task.is_regression)
+    adapter = Path(spec["run_dir"]) / ADAPTER_DIR
+    model = method_of(adapter).load(loaded.model, adapter)
+    accelerator = Accelerator(cpu=spec.get("cpu", False))
+    model = accelerator.prepare(model)
+    candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
+    meter = PeakMemoryMeter(accelerator.device)
+    meter.start()
+    out: dict[str, Any] = {}
+    for batch_size in INFERENCE_BATCH_SIZES:
+        needed = batch_size * (INFERENCE_REPEATS[batch_size] + 1)
+        subset = (rows * (needed // len(rows) + 1))[:needed]
+        features = encode(task, subset, loaded.tokenizer, spec["max_length"], loaded.text_to_text)
+        loader = accelerator.prepare(_loader(features, batch_size, collator, shuffle=False, seed=0))
+        times = []
+        for index, batch in enumerate(loader):
+            single = _single_batch_loader(batch)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            predict(model, single, task, candidates)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            if index > 0:  # the first batch warms up kernels and allocators
+                times.append(time.perf_counter() - started)
+        out[f"latency_ms_batch{batch_size}"] = 1000.0 * statistics.median(times)
+    out["peak_memory_mb"] = meter.peak_bytes() / 2**20
+    out["memory_meter"] = meter.name + "; adapter loaded before the reset"
+    out["protocol"] = (f"median wall time per batch of dev rows (max length {spec['max_length']}), "
+                       f"{INFERENCE_REPEATS} timed batches after one warm-up, prediction as in evaluation")
+    return out
+
+
+def _single_batch_loader(batch):
+    return [batch]
+
+
+def measure_training_memory(spec: dict) -> dict[str, Any]:
+    """Peak memory of a few training steps at one batch size on random token ids of a fixed length."""
+    import torch
+
+    from readapt.measure import PeakMemoryMeter
+    from readapt.methods import get_method
+    from readapt.pretrained import load_backbone
+
+    loaded = load_backbone(spec.get("model"), 2, False)
+    device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
+    model = get_method(spec["method"]).prepare(loaded.model, spec.get("method_options", {})).to(device)
+    torch.manual_seed(0)
+    size, length = spec["batch_size"], spec["max_length"]
+    batch = {"input_ids": torch.randint(5, loaded.tokenizer.vocab_size, (size, length), device=device),
+             "attention_mask": torch.ones(size, length, dtype=torch.long, device=device)}
+    if loaded.text_to_text:
+        batch["labels"] = torch.randint(5, loaded.tokenizer.vocab_size, (size, 4), device=device)
+    else:
+        batch["labels"] = torch.randint(0, 2, (size,), device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    meter = PeakMemoryMeter(device)
+    meter.start()
+    for _ in range(2):  # the second step includes the optimizer state
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"kind": "memory", "method": spec["method"], "batch_size": size, "seq_len": length,
+            "peak_memory_mb": meter.peak_bytes() / 2**20, "memory_meter": meter.name, "model": spec.get("model"),
+            "device": str(device)}
+
+
+ACTIONS = {"run": run_training, "inference": measure_inference, "memory": measure_training_memory}
+
+
+def _measure_in_fresh_process(spec: dict, result_path: Path) -> dict[str, Any]:
+    spec_path = result_path.with_suffix(".spec.json")
+    _write_json(spec_path, spec)
+    completed = subprocess.run([sys.executable, "-m", "readapt.bench.worker", str(spec_path), str(result_path)],
+                               capture_output=True, text=True, env=os.environ.copy())
+    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if completed.returncode != 0 or result is None or result.get("status") != "ok":
+        error = (result or {}).get("error") or (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{spec['action']} measurement failed: {error}")
+    return {k: v for k, v in result.items() if k != "status"}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from readapt.io import atomic_write_json
+
+    atomic_write_json(path, payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, result_path = (argv or sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _configure_threads(spec)
+    try:
+        result = {"status": "ok", **ACTIONS[spec["action"]](spec)}
+        code = 0
+    except Exception as exc:  # reported as one line in the results; the traceback goes to stderr
+        traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {first}"}
+        code = 1
+    _write_json(Path(result_path), result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
