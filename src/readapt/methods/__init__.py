@@ -11,12 +11,14 @@ from readapt.methods.base import Method, PartialMethod, TrainableCount, count_pa
 from readapt.methods.bitfit import BitFit
 from readapt.methods.full import FullFineTuning
 from readapt.methods.lora import LoRA
+from readapt.methods.lst import LadderSideTuning
 from readapt.methods.prompt import PromptTuning
 from readapt.methods.read import ReadMethod
 from readapt.model import read_adapter_metadata
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (ReadMethod(), FullFineTuning(), LoRA(), HoulsbyAdapters(), BitFit(), PromptTuning())
+    m.name: m for m in (ReadMethod(), FullFineTuning(), LoRA(), HoulsbyAdapters(), BitFit(), PromptTuning(),
+                        LadderSideTuning())
 }
 
 
