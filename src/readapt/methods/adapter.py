@@ -1,5 +1,5 @@
-"""Houlsby adapters (Houlsby et al. 2019), our own small module (peft has none, and the adapters library
-pins older transformers releases than ours).
+"""Houlsby adapters (Houlsby et al. 2019), our own small module: peft has none, and the `adapters` library
+(1.3.0, the newest on PyPI when checked on 2026-11-27) requires transformers ~=4.57.6; readapt runs on 5.x.
 
 A bottleneck `x + up(act(down(x)))` is inserted on the output of the attention block and of the
 feed-forward block of every transformer layer, before the residual connection and layer norm, exactly
