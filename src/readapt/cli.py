@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from readapt.config import AGGREGATIONS, H0_MODES, RNN_TYPES, ReadConfig
+from readapt.config import AGGREGATIONS, BACKBONE_DTYPES, CACHE_DTYPES, H0_MODES, RNN_TYPES, ReadConfig
 from readapt.errors import ReadaptError
 
 EXIT_BAD_INPUT = 2
@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--no-read-input-projection", dest="read_input_projection", action="store_false", default=None,
                       help="feed d-wide states to the RNN")
     read.add_argument("--couple-encoder", action="store_true", default=None, help="encoder-decoder ablation (see docs)")
+    read.add_argument("--backbone-dtype", choices=BACKBONE_DTYPES, default="float32",
+                      help="weights of the frozen backbone (READ only; side network and head stay float32). "
+                           "On CPU bfloat16/float16 halve the weights' memory but run slower without AVX512-BF16/AMX")
+    cache = train.add_argument_group("feature cache (READ, decoupled): the backbone runs once per example")
+    cache.add_argument("--cache-features", action="store_true",
+                       help="store every layer's hidden states of the train and dev examples in the first pass, "
+                            "replay them in later epochs instead of running the backbone")
+    cache.add_argument("--cache-dir", help="where entries go (default: $READAPT_CACHE_DIR, else ~/.cache/readapt/features)")
+    cache.add_argument("--cache-dtype", choices=CACHE_DTYPES, help="stored values (default float16)")
+    cache.add_argument("--cache-max-gb", type=float,
+                       help="refuse to write a cache larger than this (GB = 1e9 bytes; default: free disk less 1 GiB)")
 
     _add_method_option_arguments(train)
 
@@ -176,13 +187,18 @@ def _run_train(args) -> None:
     if read_options and args.method != "read":
         raise ReadaptError(f"READ options ({', '.join(sorted(read_options))}) apply to --method read, not {args.method}")
     options = {**read_options, **method_options_from_args(args)}
+    cache_flags = {"--cache-dir": args.cache_dir, "--cache-dtype": args.cache_dtype, "--cache-max-gb": args.cache_max_gb}
+    given_cache_flags = [flag for flag, value in cache_flags.items() if value is not None]
+    if given_cache_flags and not args.cache_features:
+        raise ReadaptError(f"{', '.join(given_cache_flags)} apply only with --cache-features")
     config = TrainingConfig(
         data=_data_config(args), model=args.model, method=args.method, method_options=options,
         output_dir=args.output_dir or os.path.join("runs", f"{name}-{args.method}"), overwrite=args.overwrite,
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         max_length=args.max_length, seed=args.seed, mixed_precision=args.mixed_precision, cpu=args.cpu,
-        progress=not args.no_progress,
+        progress=not args.no_progress, backbone_dtype=args.backbone_dtype, cache_features=args.cache_features,
+        cache_dir=args.cache_dir, cache_dtype=args.cache_dtype or "float16", cache_max_gb=args.cache_max_gb,
     )
     metrics = train(config)
     best = metrics["best_dev"]
@@ -193,6 +209,10 @@ def _run_train(args) -> None:
     print(f"  peak memory {metrics['peak_memory_bytes'] / 2**20:.1f} MiB ({metrics['peak_memory_meter']})")
     print(f"  trainable parameters {metrics['trainable_parameters']:,d} "
           f"({metrics['trainable_percent']:.3f}% of the backbone's {metrics['backbone_parameters']:,d})")
+    cache = metrics.get("feature_cache")
+    if cache:
+        print(f"  feature cache: {cache['bytes'] / 1e6:.1f} MB {cache['dtype']} in {cache['directory']} "
+              f"({'reused' if cache['reused'] else 'built'} in {cache['build_seconds']:.1f} s)")
     print(f"  output: {config.output_dir}")
 
 

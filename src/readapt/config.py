@@ -15,6 +15,9 @@ RNN_TYPES = ("gru", "lstm", "rnn")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
 STACK_NAMES = ("encoder", "decoder")
+# Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
+BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

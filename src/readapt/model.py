@@ -10,10 +10,20 @@ Encoder-decoder models are decoupled by default: the encoder wrapper leaves the 
 backbone decoder sees untouched and passes the corrected encoder states to the decoder side network
 (Joiner), attached to the encoder output under READ_ENCODER_STATES so that `generate` carries and expands
 them together with the encoder output.
+
+Feature cache (readapt.cache): in decoupled mode a stack's states depend only on the input, so they can be
+stored once and replayed. Inside `replaying(...)` a wrapped stack does not run its layers: it takes the next
+cached call (layer states, final output, embedding output) and goes straight to the correction; inside
+`recording(...)` it runs as usual and hands its states to the cache writer instead of correcting them.
+
+Low-precision backbones (bfloat16 / float16 weights): the side networks and the task head stay float32; the
+correction is added in float32 and the corrected state stays float32 on its way to the head (the frozen LM
+head of a text-to-text model gets it in its own dtype and returns float32 logits).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -21,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from readapt import __version__
 from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack, describe_backbone
@@ -56,6 +67,25 @@ def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _cast_floating_inputs(dtype: torch.dtype):
+    """A forward pre-hook that hands a module its floating-point inputs in `dtype`."""
+
+    def hook(module, args, kwargs):
+        def cast(value):
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    return hook
+
+
+def _float_output(module, args, output):
+    return output.float() if isinstance(output, torch.Tensor) and output.dtype in LOW_PRECISION else output
+
+
 class ReadModel(nn.Module):
     """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
 
@@ -73,6 +103,7 @@ class ReadModel(nn.Module):
         backbone.requires_grad_(False)
         for name in self.head_module_names:
             backbone.get_submodule(name).requires_grad_(True)
+        self.backbone_dtype = next(backbone.parameters()).dtype
 
         encoder_dim = None
         if info.family == ENCODER_DECODER and config.encoder_context:
@@ -85,9 +116,13 @@ class ReadModel(nn.Module):
 
         self._captures: dict[str, _LayerCapture] = {}
         self._encoder_states: torch.Tensor | None = None
+        self._replay: collections.deque | None = None  # cached stack calls still to feed (feature cache)
+        self._recorder = None  # receives each stack's states while a feature cache is written
         self._hooks: list = []
         self._wrapped: list[nn.Module] = []
         self._install_hooks()
+        if self.backbone_dtype in LOW_PRECISION:
+            self._keep_head_in_float32()
         self.train(backbone.training)
 
     # ---------------------------------------------------------------- construction helpers
@@ -134,11 +169,30 @@ class ReadModel(nn.Module):
             self._hooks.append(self.backbone.register_forward_pre_hook(self._pick_up_encoder_states, with_kwargs=True))
             self._hooks.append(self.backbone.register_forward_hook(self._drop_encoder_states, always_call=True))
 
+    def _keep_head_in_float32(self) -> None:
+        """A bfloat16 / float16 backbone: the trained head stays float32 (AdamW on low-precision weights loses
+        small updates), and the frozen LM head, which gets the float32 corrected state, computes in its own
+        dtype and returns float32 logits for the loss."""
+        for name in self.head_module_names:
+            head = self.backbone.get_submodule(name).float()
+            self._hooks.append(head.register_forward_pre_hook(_cast_floating_inputs(torch.float32), with_kwargs=True))
+        try:
+            lm_head = self.backbone.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            lm_head = None
+        weight = getattr(lm_head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype in LOW_PRECISION and not weight.requires_grad:
+            self._hooks.append(lm_head.register_forward_pre_hook(_cast_floating_inputs(weight.dtype), with_kwargs=True))
+            self._hooks.append(lm_head.register_forward_hook(_float_output))
+
     def _wrap_stack(self, stack: Stack, side_dtype: torch.dtype, run_without_grad: bool) -> None:
         original = stack.module.forward
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
+            if self._replay is not None:
+                capture, output = self._next_cached_call(stack, side_dtype)
+                return self._apply_correction(stack, capture, output, kwargs)
             capture = _LayerCapture(stack.num_layers, side_dtype)
             self._captures[stack.name] = capture
             try:
@@ -146,6 +200,8 @@ class ReadModel(nn.Module):
                     output = original(*args, **kwargs)
             finally:
                 del self._captures[stack.name]
+            if self._recorder is not None:
+                return self._record(stack, capture, output)
             return self._apply_correction(stack, capture, output, kwargs)
 
         stack.module.forward = forward
@@ -178,6 +234,56 @@ class ReadModel(nn.Module):
     def _drop_encoder_states(self, module, args, output) -> None:
         self._encoder_states = None
 
+    # ---------------------------------------------------------------- feature cache
+    @contextlib.contextmanager
+    def replaying(self, cached_calls):
+        """Within this block, each adapted stack call takes the next of `cached_calls` (readapt.cache.CachedCall:
+        stack name, layer states (N, B, T, d), final output (B, T, d), embedding output or None) instead of
+        running its layers; the calls must be used up, in order, by the forward pass(es) inside the block."""
+        queue = collections.deque(cached_calls)
+        self._replay = queue
+        try:
+            yield
+        finally:
+            self._replay = None
+        if queue:
+            raise RuntimeError(f"{len(queue)} cached stack call(s) were left unused: the cache does not match "
+                               "the forward pass that replayed it")
+
+    @contextlib.contextmanager
+    def recording(self, recorder):
+        """Within this block, each adapted stack runs as usual and `recorder(stack_name, capture, final)` gets
+        its states; no correction is applied (the cache stores what the backbone alone computes)."""
+        self._recorder = recorder
+        try:
+            yield
+        finally:
+            self._recorder = None
+
+    def _next_cached_call(self, stack: Stack, side_dtype: torch.dtype):
+        if not self._replay:
+            raise RuntimeError(f"the {stack.name} stack ran, but no cached call is left for it")
+        call = self._replay.popleft()
+        if call.stack != stack.name or call.states.shape[0] != stack.num_layers:
+            raise RuntimeError(f"cached call for the {call.stack} stack ({call.states.shape[0]} layers) replayed "
+                               f"into the {stack.name} stack ({stack.num_layers} layers)")
+        if self.read_config.h0 == "embeddings" and call.embeddings is None:
+            raise RuntimeError("READ h0='embeddings' needs the embedding output, which this cache does not hold")
+        capture = _LayerCapture(stack.num_layers, side_dtype)
+        capture.states = call.states.to(side_dtype)
+        capture.embeddings = None if call.embeddings is None else call.embeddings.to(side_dtype)
+        capture.seen = stack.num_layers
+        return capture, BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=call.final)
+
+    def _record(self, stack: Stack, capture: _LayerCapture, output):
+        if capture.seen != stack.num_layers:
+            raise RuntimeError(f"READ saw {capture.seen} of {stack.num_layers} {stack.name} layers run")
+        final = _first_tensor(output)
+        self._recorder(stack.name, capture, final)
+        if stack.name == "encoder" and self.info.family == ENCODER_DECODER and not isinstance(output, (tuple, list)):
+            output[READ_ENCODER_STATES] = final  # lets a caller pass these encoder outputs back in, as usual
+        return output
+
     def _apply_correction(self, stack: Stack, capture: _LayerCapture, output, kwargs):
         if capture.seen != stack.num_layers:
             raise RuntimeError(
@@ -190,18 +296,24 @@ class ReadModel(nn.Module):
             encoder_states = self._encoder_states if "encoder" in self.read and not self.read_config.couple_encoder else None
             if encoder_states is None:
                 encoder_states = kwargs.get("encoder_hidden_states")
+            if encoder_states is not None and encoder_states.dtype != capture.dtype:
+                encoder_states = encoder_states.to(capture.dtype)  # a low-precision backbone's encoder output
             encoder_mask = kwargs.get("encoder_attention_mask")
             if encoder_mask is not None and encoder_mask.dim() != 2:
                 encoder_mask = None  # an already expanded 4D mask: attend everywhere rather than guess its layout
             if encoder_states is not None and encoder_states.shape[0] != final.shape[0]:
                 raise RuntimeError(f"READ encoder states have batch {encoder_states.shape[0]}, decoder has {final.shape[0]}")
         delta = self.read[stack.name](capture.states, capture.embeddings, encoder_states, encoder_mask)
-        corrected = final + delta.to(final.dtype)
+        # In the wider of the two dtypes: a float32 correction is not rounded away on a bfloat16 backbone.
+        merged = torch.promote_types(final.dtype, delta.dtype)
+        corrected = final.to(merged) + delta.to(merged)
 
-        if stack.name == "encoder" and self.info.family == ENCODER_DECODER and not self.read_config.couple_encoder:
-            self._encoder_states = corrected
-            output[READ_ENCODER_STATES] = corrected
-            return output
+        if stack.name == "encoder" and self.info.family == ENCODER_DECODER:
+            if not self.read_config.couple_encoder:
+                self._encoder_states = corrected
+                output[READ_ENCODER_STATES] = corrected
+                return output
+            corrected = corrected.to(final.dtype)  # the coupled backbone decoder consumes it
         if isinstance(output, (tuple, list)):
             return (corrected, *output[1:])
         output[next(iter(output.keys()))] = corrected
@@ -218,10 +330,15 @@ class ReadModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # The frozen stacks always run as at inference (no dropout): their outputs then depend only on
-        # the input, which is what makes them cacheable and the backbone truly forward-only.
+        # The frozen body always runs as at inference (no dropout): the stacks, and what feeds them (BERT's
+        # embedding dropout sits outside its encoder stack). Their outputs then depend only on the input,
+        # which is what makes them cacheable and the backbone truly forward-only. The task head (and what
+        # follows the body, e.g. the classifier's dropout) trains as usual.
+        self.backbone.base_model.eval()
         for stack in self.info.stacks:
             stack.module.eval()
+        for name in self.head_module_names:
+            self.backbone.get_submodule(name).train(mode)
         return self
 
     def __getattr__(self, name: str):

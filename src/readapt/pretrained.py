@@ -69,10 +69,13 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
     return name_or_path, {}, name_or_path
 
 
-def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False) -> LoadedBackbone:
+def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False,
+                  dtype: str | None = None) -> LoadedBackbone:
     """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
     backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
-    With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works."""
+    With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works.
+    `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them."""
+    import torch
     from transformers import (
         AutoConfig,
         AutoModelForSeq2SeqLM,
@@ -88,6 +91,8 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ReadaptError(f"cannot load model {name_or_path!r}: {first_line}") from None
     kwargs = dict(extra)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
     if getattr(config, "is_encoder_decoder", False):
         model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
         return LoadedBackbone(model.eval(), tokenizer, True, description)

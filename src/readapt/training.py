@@ -4,6 +4,11 @@ Flow: validate everything cheap (config, data, model) before touching the output
 hidden staging directory next to it; evaluate on dev after every epoch and keep the best adapter; write
 metrics.json; move the staging directory into place at the very end, so a failed or interrupted run never
 leaves a half-written output directory.
+
+With --cache-features (READ, decoupled; readapt.cache) every split gets a feature-cache entry: planned while
+the loaders are made, checked against the size budget before anything is written, built or reused at the
+start of epoch 1 (counted in its time); afterwards every batch carries its examples' cached states and the
+model replays them instead of running the backbone. Loaders, shuffling and padding are the same as without.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
+from readapt.config import BACKBONE_DTYPES, CACHE_DTYPES, ReadConfig
 from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, ReadaptError
 from readapt.io import atomic_write_json
@@ -91,6 +98,11 @@ class TrainingConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
     cpu: bool = False  # force CPU even where a GPU exists
     progress: bool = True
+    backbone_dtype: str = "float32"  # weights of the frozen backbone (READ only); side network and head stay float32
+    cache_features: bool = False  # READ (decoupled): compute the backbone's states once, replay them (readapt.cache)
+    cache_dir: str | None = None  # None: $READAPT_CACHE_DIR, else ~/.cache/readapt/features
+    cache_dtype: str = "float16"
+    cache_max_gb: float | None = None  # None: only the free disk space bounds the cache
 
     def validate(self) -> None:
         self.data.validate()
@@ -107,6 +119,23 @@ class TrainingConfig:
             raise ConfigError(f"--lr={self.lr} is out of range; it must be a positive number")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"--mixed-precision={self.mixed_precision!r}; allowed: no, fp16, bf16")
+        if self.backbone_dtype not in BACKBONE_DTYPES:
+            raise ConfigError(f"--backbone-dtype={self.backbone_dtype!r}; allowed: {', '.join(BACKBONE_DTYPES)}")
+        if self.backbone_dtype != "float32" and self.method != "read":
+            raise ConfigError(f"--backbone-dtype {self.backbone_dtype} needs --method read: {self.method} trains or "
+                              "back-propagates through the backbone's own weights, which then stay float32")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"--cache-dtype={self.cache_dtype!r}; allowed: {', '.join(CACHE_DTYPES)}")
+        if self.cache_max_gb is not None and not (self.cache_max_gb > 0 and math.isfinite(self.cache_max_gb)):
+            raise ConfigError(f"--cache-max-gb={self.cache_max_gb} is out of range; it must be a positive number")
+        if self.cache_features and self.method != "read":
+            why = ("LST's backbone states could be cached, but LST does not replay them yet" if self.method == "lst"
+                   else f"with {self.method} the backbone's hidden states change during training (its weights are "
+                        "trained, or trained modules sit inside it), so they cannot be computed once")
+            raise ConfigError(f"--cache-features needs --method read: {why}")
+        if self.cache_features and ReadConfig.from_dict(self.method_options).couple_encoder:
+            raise ConfigError("--cache-features needs decoupled READ: with --couple-encoder the backbone decoder "
+                              "consumes the trained encoder correction, so its states change during training")
 
     @property
     def learning_rate(self) -> float:
@@ -147,14 +176,21 @@ def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None
     no_cache = _no_kv_cache(model)
     predictions: list[int | float] = []
     for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
-        if candidates is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
-            predictions.extend(logits.squeeze(-1).float().tolist() if task.is_regression
-                               else logits.argmax(-1).tolist())
-        else:
-            scores = _candidate_scores(model, batch, candidates)
-            predictions.extend(candidates.values[i] for i in scores.argmax(-1).tolist())
+        with _replaying(model, batch):
+            if candidates is None:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
+                predictions.extend(logits.squeeze(-1).float().tolist() if task.is_regression
+                                   else logits.argmax(-1).tolist())
+            else:
+                scores = _candidate_scores(model, batch, candidates)
+                predictions.extend(candidates.values[i] for i in scores.argmax(-1).tolist())
     return predictions
+
+
+def _replaying(model, batch: dict):
+    """Takes a batch's cached backbone states out of it (feature cache); within the block the model replays them."""
+    cached = batch.pop(CACHED_FEATURES, None)
+    return contextlib.nullcontext() if cached is None else model.replaying(cached)
 
 
 def _no_kv_cache(model) -> dict[str, bool]:
@@ -190,15 +226,16 @@ class DevEvaluator:
 
     @classmethod
     def build(cls, task: Task, dev_examples: dict[str, list[Example]], loaded, max_length: int, batch_size: int,
-              accelerator) -> DevEvaluator:
+              accelerator, feature_cache: _CacheJobs | None = None) -> DevEvaluator:
         collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
-        loaders = {
-            split: accelerator.prepare(_loader(encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text),
-                                               batch_size, collator, shuffle=False, seed=0))
-            for split, rows in dev_examples.items()
-        }
-        references = {split: [e.label for e in rows] for split, rows in dev_examples.items()}
         candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
+        loaders = {}
+        for split, rows in dev_examples.items():
+            features, split_collator = encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text), collator
+            if feature_cache is not None:
+                features, split_collator = feature_cache.attach(f"dev {split}", features, collator, candidates)
+            loaders[split] = accelerator.prepare(_loader(features, batch_size, split_collator, shuffle=False, seed=0))
+        references = {split: [e.label for e in rows] for split, rows in dev_examples.items()}
         return cls(task, loaders, references, candidates)
 
     def __call__(self, model, progress: bool) -> dict[str, dict[str, float]]:
@@ -269,7 +306,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     method = get_method(config.method)
     task, train_examples, dev_examples = load_task_data(config.data, config.seed)
     set_seed(config.seed)
-    loaded = load_backbone(config.model, task.num_labels, task.is_regression)
+    loaded = load_backbone(config.model, task.num_labels, task.is_regression, dtype=config.backbone_dtype)
     backbone_parameters = count_parameters(loaded.model)  # before the method adds any
     model = method.prepare(loaded.model, config.method_options)
     with _output_transaction(config) as staging:
@@ -278,12 +315,79 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                       get_linear_schedule_with_warmup, backbone_parameters)
 
 
+class _CacheJobs:
+    """--cache-features in the training loop: one entry per split, planned while its loader is made (`attach`),
+    all checked against the size budget before anything is written, then built or reused (`build`)."""
+
+    def __init__(self, config: TrainingConfig, model, loaded):
+        self.model = model
+        self.text_to_text = loaded.text_to_text
+        self.cache = FeatureCache(model, loaded.tokenizer, max_length=config.max_length,
+                                  text_to_text=loaded.text_to_text, directory=config.cache_dir,
+                                  dtype=config.cache_dtype, max_gb=config.cache_max_gb, autocast=config.mixed_precision)
+        self.jobs: list[tuple[Any, list[dict], Collator, Candidates | None, bool]] = []
+
+    def attach(self, label: str, features: list[dict], collator: Collator, candidates: Candidates | None,
+               training: bool = False) -> tuple[list[dict], CachedCollator]:
+        plan = self.cache.plan(label, self.stack_calls(features, candidates))
+        self.jobs.append((plan, features, collator, candidates, training))
+        return indexed(features), CachedCollator(collator, plan)
+
+    def stack_calls(self, features: list[dict], candidates: Candidates | None) -> list[tuple[str, list[list[int]]]]:
+        """The adapted stack calls of one forward pass (training step, or prediction when scoring candidates),
+        in call order, with every example's tokens: what the cache stores for each."""
+        stacks = [s.name for s in self.model.adapted_stacks]
+        inputs = [f["input_ids"] for f in features]
+        if not self.text_to_text:
+            return [(stacks[0], inputs)]
+        calls = [("encoder", inputs)] if "encoder" in stacks else []
+        if "decoder" in stacks:
+            if candidates is None:
+                calls.append(("decoder", [f["labels"] for f in features]))
+            else:
+                calls.extend(("decoder", [list(ids)] * len(features)) for ids in candidates.token_ids)
+        return calls
+
+    def build(self, model, accelerator, batch_size: int, progress: bool) -> None:
+        """Open or build every entry, running the model exactly as training and prediction call it."""
+        unwrapped = accelerator.unwrap_model(model)  # what predict() gets
+        no_cache = _no_kv_cache(unwrapped)
+        for plan, features, collator, candidates, training in self.jobs:
+            if training:
+                def run(batch):
+                    return model(**batch, **no_cache)
+            elif candidates is None:
+                def run(batch):
+                    return unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache)
+            else:
+                def run(batch, candidates=candidates):
+                    return _candidate_scores(unwrapped, batch, candidates)
+            self.cache.open_or_build(plan, run, features, collator, batch_size, accelerator.device, progress=progress)
+
+    def summary(self) -> dict[str, Any]:
+        plans = [job[0] for job in self.jobs]
+        return {
+            "directory": str(self.cache.directory), "dtype": self.cache.dtype,
+            "bytes": sum(p.entry.bytes for p in plans if p.entry is not None),
+            "reused": all(p.reused for p in plans), "build_seconds": sum(p.build_seconds for p in plans),
+            "fingerprint_seconds": self.cache.fingerprint_seconds,
+            "entries": {p.label: p.summary() for p in plans},
+        }
+
+
 def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler,
            backbone_parameters):
     collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
     train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text)
-    train_loader = _loader(train_features, config.batch_size, collator, shuffle=True, seed=config.seed)
-    evaluate = DevEvaluator.build(task, dev_examples, loaded, config.max_length, config.eval_batch_size, accelerator)
+    feature_cache = _CacheJobs(config, model, loaded) if config.cache_features else None
+    train_collator = collator
+    if feature_cache is not None:
+        train_features, train_collator = feature_cache.attach("train", train_features, collator, None, training=True)
+    train_loader = _loader(train_features, config.batch_size, train_collator, shuffle=True, seed=config.seed)
+    evaluate = DevEvaluator.build(task, dev_examples, loaded, config.max_length, config.eval_batch_size, accelerator,
+                                  feature_cache)
+    if feature_cache is not None:
+        feature_cache.cache.check_budget([job[0] for job in feature_cache.jobs])
 
     no_cache = _no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -292,6 +396,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     total_steps = config.epochs * len(train_loader)
     scheduler = make_scheduler(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
     logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable parameters (%.3f%% of the "
                 "backbone's %d)", task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()},
                 loaded.source, config.method, parameters.trainable, parameters.percent, parameters.backbone)
@@ -303,10 +408,14 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     for epoch in range(1, config.epochs + 1):
         model.train()
         epoch_clock, epoch_cpu = Stopwatch(), time.process_time()
+        if epoch == 1 and feature_cache is not None:  # building the cache counts as epoch 1's time
+            feature_cache.build(model, accelerator, config.eval_batch_size, config.progress)
+            model.train()
         running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
         for batch in bar:
-            loss = model(**batch, **no_cache).loss
+            with _replaying(unwrapped, batch):
+                loss = model(**batch, **no_cache).loss
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
                                     "lower --lr or check the data")
@@ -319,12 +428,14 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
             running += loss.item()
             seen += 1
             bar.set_postfix(loss=f"{running / seen:.4f}")
-        train_seconds += epoch_clock.seconds()
+        epoch_seconds = epoch_clock.seconds()
+        train_seconds += epoch_seconds
         train_cpu_seconds += time.process_time() - epoch_cpu
         results = evaluate(accelerator.unwrap_model(model), config.progress)
         score = main_score(task, results)
         record = {"epoch": epoch, "train_loss": running / max(seen, 1), "dev": results, "score": score,
-                  "elapsed_seconds": clock.seconds(), "train_seconds_so_far": train_seconds}
+                  "elapsed_seconds": clock.seconds(), "train_seconds_so_far": train_seconds,
+                  "epoch_train_seconds": epoch_seconds}
         epochs.append(record)
         logger.info("epoch %d: train loss %.4f, dev %s", epoch, record["train_loss"], json.dumps(results))
         if best is None or score > best["score"]:
@@ -355,6 +466,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
         "train_examples": len(train_examples), "dev_examples": {s: len(r) for s, r in dev_examples.items()},
         "config": _config_dict(config), "versions": versions(), "machine": machine(),
         "device": str(accelerator.device), "mixed_precision": config.mixed_precision,
+        "backbone_dtype": config.backbone_dtype,
+        # --cache-features: where the entries are, their size on disk, whether this run reused them, build time
+        "feature_cache": feature_cache.summary() if feature_cache is not None else None,
     }
     atomic_write_json(staging / METRICS_FILE, metrics)
     logger.info("done: best epoch %d, %s %.4f, %.1f s, peak memory %.1f MiB (%s)", best["epoch"], task.main_metric,
