@@ -259,6 +259,29 @@ def _describe(mapping: Any) -> str:
     return ", ".join(f"{key}: {value}" for key, value in mapping.items())
 
 
+def relative_to_full(summaries: list[MethodSummary], method: str = "read") -> list[str]:
+    """Lines comparing `method` with full fine-tuning and each other method: average score difference and
+    cost ratios (the comparison the READ paper makes)."""
+    by_name = {s.method: s for s in summaries}
+    ours = by_name.get(method)
+    if ours is None or ours.average is None:
+        return []
+    lines = ["", f"{METHOD_DISPLAY.get(method, method)} relative to the other methods (average score difference in "
+                 "points; cost ratios = ours / theirs, below 1 means ours costs less):"]
+    for other in summaries:
+        if other.method == method or other.average is None:
+            continue
+        ratios = []
+        for label, attribute in (("peak memory", "peak_memory_mb"), ("train time", "train_seconds"),
+                                 ("train CPU", "train_cpu_seconds"), ("energy", "energy_j")):
+            mine, theirs = getattr(ours, attribute), getattr(other, attribute)
+            if mine is not None and theirs:
+                ratios.append(f"{label} {mine / theirs:.2f}")
+        lines.append(f"- vs {METHOD_DISPLAY.get(other.method, other.method)}: {ours.average - other.average:+.1f} "
+                     f"points; {', '.join(ratios)}")
+    return lines
+
+
 def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
     tasks, summaries = summarise(results)
     energy_unit, energy_scale = _energy_unit(summaries)
@@ -305,6 +328,7 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
             "Energy marked ≈ is an estimate (CPU-seconds × an assumed power per busy core), not a "
             "measurement; see the energy meter below."
         )
+    below += relative_to_full(summaries)
     below += ["", "How the numbers were made:" if notes else "Protocol: not given to the report."]
     below += [f"- {_one_line(note)}" for note in notes or []]
     below += ["", "Meters:"]

@@ -57,6 +57,9 @@ def run_training(spec: dict) -> dict[str, Any]:
         "score": 100.0 * metrics["best_score"], "main_metric": metrics["main_metric"], "metrics": scores,
         "best_epoch": metrics["best_epoch"], "epochs": spec["epochs"],
         "peak_memory_mb": metrics["peak_memory_bytes"] / 2**20, "memory_meter": metrics["peak_memory_meter"],
+        # what the process held when training began (libraries, weights, data): peak minus this is what
+        # training itself added, the part a method can change
+        "memory_at_start_mb": metrics["memory_at_training_start_bytes"] / 2**20,
         "energy_j": reading.joules, "energy_meter": reading.meter, "energy_measured": reading.measured,
         "energy_detail": reading.detail,
         "train_seconds": metrics["train_seconds"], "train_cpu_seconds": metrics["train_cpu_seconds"],
