@@ -153,6 +153,7 @@ class MethodSummary:
     runs: int  # successful runs the cost means are over
     trainable_percent: float | None
     peak_memory_mb: float | None
+    memory_added_mb: float | None  # peak minus what the process held when training began (libraries, weights)
     energy_j: float | None
     energy_estimated: bool  # some run's energy is an estimate, not a measurement
     train_seconds: float | None
@@ -188,6 +189,8 @@ def summarise(results: BenchResults) -> tuple[list[str], list[MethodSummary]]:
                 runs=len(runs),
                 trainable_percent=_mean(_numbers(runs, "trainable_percent")),
                 peak_memory_mb=_mean(_numbers(runs, "peak_memory_mb")),
+                memory_added_mb=_mean([run["peak_memory_mb"] - run["memory_at_start_mb"] for run in runs
+                                       if _numbers([run], "peak_memory_mb") and _numbers([run], "memory_at_start_mb")]),
                 energy_j=_mean(_numbers(runs, "energy_j")),
                 energy_estimated=any(run.get("energy_measured") is not True for run in runs_with_energy),
                 train_seconds=_mean(_numbers(runs, "train_seconds")),
@@ -272,7 +275,8 @@ def relative_to_full(summaries: list[MethodSummary], method: str = "read") -> li
         if other.method == method or other.average is None:
             continue
         ratios = []
-        for label, attribute in (("peak memory", "peak_memory_mb"), ("train time", "train_seconds"),
+        for label, attribute in (("peak memory", "peak_memory_mb"), ("memory added by training", "memory_added_mb"),
+                                 ("train time", "train_seconds"),
                                  ("train CPU", "train_cpu_seconds"), ("energy", "energy_j")):
             mine, theirs = getattr(ours, attribute), getattr(other, attribute)
             if mine is not None and theirs:
@@ -289,7 +293,7 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
     header = (
         ["Method"]
         + [TASK_DISPLAY.get(task, task) for task in tasks]
-        + ["Avg.", "Seeds", "Params (%)", "Peak memory (MiB)"]
+        + ["Avg.", "Seeds", "Params (%)", "Peak memory (MiB)", "Added by training (MiB)"]
         + [f"Energy ({energy_unit}{', ≈ estimated' if any_estimate else ''})", "Train time (s)", "Train CPU (s)"]
         + ["Inference latency b1 / b32 (ms)"]
     )
@@ -305,7 +309,8 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
             [METHOD_DISPLAY.get(s.method, s.method)]
             + [_score_cell(s.task_scores.get(task)) for task in tasks]
             + [MISSING if s.average is None else f"{s.average:.1f}", _seed_count(s)]
-            + [_cost(s.trainable_percent), _cost(s.peak_memory_mb), energy, _cost(s.train_seconds),
+            + [_cost(s.trainable_percent), _cost(s.peak_memory_mb), _cost(s.memory_added_mb), energy,
+               _cost(s.train_seconds),
                _cost(s.train_cpu_seconds), latency]
         )
         lines.append("| " + " | ".join(row) + " |")
@@ -319,7 +324,8 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
         f"Avg.: the mean over the {len(tasks)} task(s) of the per-task means, only for methods with a result "
         f"on every task ({MISSING} otherwise).",
         "Params, peak memory, energy, train time and inference latency: means over all of the method's "
-        "successful runs (every task and seed), not per task. Peak memory in MiB (2^20 bytes). Train time: "
+        "successful runs (every task and seed), not per task. Peak memory in MiB (2^20 bytes); Added by "
+        "training: peak minus what the process held when training began (libraries, weights, data). Train time: "
         "wall-clock seconds of the training steps (no evaluation); Train CPU: the process's CPU seconds over "
         "the same steps, which other load on the machine does not inflate.",
     ]
