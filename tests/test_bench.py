@@ -22,6 +22,7 @@ def _bench(tiny_models, output, *extra):
                  "--output-dir", str(output), *extra])
 
 
+@pytest.mark.slow  # about a dozen fresh processes
 def test_bench_runs_the_matrix_writes_reports_and_resumes(tiny_models, tmp_path):
     output = tmp_path / "bench"
     assert _bench(tiny_models, output) == 0
