@@ -86,7 +86,31 @@ def _float_output(module, args, output):
     return output.float() if isinstance(output, torch.Tensor) and output.dtype in LOW_PRECISION else output
 
 
-class ReadModel(nn.Module):
+class FrozenBackboneWrapper(nn.Module):
+    """What READ and LST share as wrappers of a frozen backbone: unknown attributes go to the backbone (config,
+    get_encoder, generation helpers), and `unload()` removes the hooks and stack-forward wrappers that the
+    subclass registered in `_hooks` / `_wrapped`, returning the untouched backbone."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "backbone":
+                raise
+            return getattr(self.backbone, name)
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and return the bare backbone (its weights were never changed)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for module in self._wrapped:
+            del module.forward
+        self._wrapped.clear()
+        return self.backbone
+
+
+class ReadModel(FrozenBackboneWrapper):
     """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
 
     def __init__(self, backbone: nn.Module, config: ReadConfig):
@@ -340,24 +364,6 @@ class ReadModel(nn.Module):
         for name in self.head_module_names:
             self.backbone.get_submodule(name).train(mode)
         return self
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "backbone":
-                raise
-            return getattr(self.backbone, name)
-
-    def unload(self) -> nn.Module:
-        """Remove every READ hook and return the bare backbone (its weights were never changed)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        for module in self._wrapped:
-            del module.forward
-        self._wrapped.clear()
-        return self.backbone
 
     # ---------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

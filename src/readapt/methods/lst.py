@@ -63,6 +63,7 @@ from transformers.activations import ACT2FN
 from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack
 from readapt.errors import ConfigError, IncompatibleAdapterError, UnsupportedModelError
 from readapt.methods.base import PartialMethod, require_positive_int
+from readapt.model import FrozenBackboneWrapper
 
 LST_ENCODER_STATES = "lst_encoder_states"
 
@@ -433,7 +434,7 @@ def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
-class LSTModel(nn.Module):
+class LSTModel(FrozenBackboneWrapper):
     """A frozen backbone with ladder side networks on its stacks; `forward` is the backbone's forward."""
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, options: dict[str, Any]):
@@ -601,24 +602,6 @@ class LSTModel(nn.Module):
         for stack in self.info.stacks:  # the frozen stacks always run as at inference (no dropout)
             stack.module.eval()
         return self
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "backbone":
-                raise
-            return getattr(self.backbone, name)
-
-    def unload(self) -> nn.Module:
-        """Remove every LST hook and return the bare backbone (its weights were never changed)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        for module in self._wrapped:
-            del module.forward
-        self._wrapped.clear()
-        return self.backbone
 
 
 class LadderSideTuning(PartialMethod):
