@@ -31,7 +31,8 @@ def test_train_then_eval_on_real_rows(task, kind, tiny_models, tmp_path, capsys)
     code, out = _train(tmp_path, "--task", task, "--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models[kind]))
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.json", "train.log"]
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                    "task.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2 and metrics["best_epoch"] in (1, 2)
     assert metrics["train_examples"] == 24 and metrics["dev_examples"] == {"validation": 16}

@@ -174,6 +174,10 @@ def backbone_fingerprint(backbone: torch.nn.Module, head_modules: Sequence[str] 
         if in_head(name):
             continue
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        if tensor.device.type == "meta":  # offloaded by a device map (readapt.offload): read it where it waits
+            from transformers.integrations.accelerate import load_offloaded_parameter
+
+            tensor = load_offloaded_parameter(backbone, name)
         digest.update(_tensor_bytes(tensor))
     config = {k: v for k, v in backbone.config.to_dict().items() if k not in _HEAD_ONLY_CONFIG}
     description = {"class": type(backbone).__name__, "config": config,

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from readapt.config import AGGREGATIONS, BACKBONE_DTYPES, CACHE_DTYPES, H0_MODES, RNN_TYPES, ReadConfig
-from readapt.errors import ReadaptError
+from readapt.errors import ReadaptError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def _positive_int(text: str) -> int:
@@ -85,8 +86,15 @@ def method_options_from_args(args) -> dict:
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), like every other readapt error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="readapt", description="Fine-tune frozen transformers with READ.")
+    parser = _Parser(prog="readapt", description="Fine-tune frozen transformers with READ.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune on a task and keep the best adapter")
@@ -104,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-train-samples", type=_positive_int, help="train on a seeded random subset of N rows")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    train.add_argument("--num-processes", type=_positive_int, default=1,
+                       help="data-parallel training in N processes on this machine, launched through Accelerate "
+                            "(one per GPU; gloo on CPU); every batch is split over them. Multi-node: run "
+                            "`accelerate launch [your config] -m readapt train ...` instead")
+    resume = train.add_argument_group(
+        "checkpoints and resume: a killed or stopped run continues from its newest checkpoint when the same "
+        "command is run again (Ctrl-C / SIGTERM stop after the current step with a checkpoint)")
+    resume.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                        help="also write a checkpoint every STEPS optimizer steps (always: at every epoch end)")
+    resume.add_argument("--checkpoint-minutes", type=float, default=15.0,
+                        help="also write one every this many minutes of training (default 15; 0: never)")
+    resume.add_argument("--keep-checkpoints", type=_positive_int, default=2,
+                        help="keep the newest N checkpoints while the run lasts (default 2); removed when it ends")
+    resume.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
+                        help="write no checkpoints (a killed run then starts over; saves the time and the transient "
+                             "memory of writing them)")
+    resume.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="--resume: continue this run's newest checkpoint (an error if there is none); "
+                             "--no-resume: start over. Default: continue if there is one")
     read = train.add_argument_group("READ options (defaults: readapt.ReadConfig)")
     read.add_argument("--read-hidden-size", type=int, help=f"RNN hidden size r (default {ReadConfig().hidden_size})")
     read.add_argument("--rnn-type", choices=RNN_TYPES)
@@ -126,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dtype", choices=CACHE_DTYPES, help="stored values (default float16)")
     cache.add_argument("--cache-max-gb", type=float,
                        help="refuse to write a cache larger than this (GB = 1e9 bytes; default: free disk less 1 GiB)")
+
+    big = train.add_argument_group(
+        "big backbones (READ): the frozen backbone runs forward only, so it can be split over GPUs or offloaded "
+        "to CPU RAM and disk like an inference-only model (Accelerate big-model loading)")
+    big.add_argument("--device-map", metavar="auto|cpu|JSON",
+                     help="auto: GPUs first, then CPU RAM, then disk; cpu: CPU RAM, then disk (trains on the CPU); "
+                          "or a JSON {module: device} map. Side networks and task head stay on the device of the "
+                          "final hidden state")
+    big.add_argument("--max-memory", metavar="DEVICE=SIZE[,...]",
+                     help="memory caps for the placement, e.g. 0=20GiB,1=20GiB,cpu=64GiB (devices not named: what "
+                          "is free); what does not fit goes to disk")
+    big.add_argument("--offload-folder", metavar="DIR",
+                     help="where disk-offloaded weights are written when they cannot be read straight from the "
+                          "checkpoint's safetensors files (other formats, converted weights)")
 
     _add_method_option_arguments(train)
 
@@ -160,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", required=True, help="adapter directory written by `readapt train`")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+
+    predict = commands.add_parser("predict", help="predict with one or many READ adapters, one backbone pass per batch")
+    predict.add_argument("--model", help="the backbone every adapter was trained on (default: the embedded all-MiniLM-L6-v2)")
+    predict.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                         help="READ adapter directory written by `readapt train` (holds task.json); repeatable")
+    predict.add_argument("--name", action="append", default=[], metavar="NAME",
+                         help="prediction column of the adapter at the same position (default: the adapter folder's "
+                              "name, or its run folder's for <run>/adapter); repeatable")
+    predict.add_argument("--input", required=True, metavar="FILE",
+                         help="rows to predict: CSV, TSV or JSONL (optionally .gz) with the columns the adapters' tasks read")
+    predict.add_argument("--output", metavar="FILE", help="CSV or JSONL, by extension (default: JSONL on stdout)")
+    predict.add_argument("--batch-size", type=_positive_int, default=64)
+    predict.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -173,8 +229,8 @@ def _data_config(args):
                       max_eval_samples=args.max_eval_samples)
 
 
-def _run_train(args) -> None:
-    from readapt.training import TrainingConfig, train
+def _train_config(args):
+    from readapt.training import TrainingConfig
 
     name = args.task or "custom"
     given = {
@@ -199,8 +255,22 @@ def _run_train(args) -> None:
         max_length=args.max_length, seed=args.seed, mixed_precision=args.mixed_precision, cpu=args.cpu,
         progress=not args.no_progress, backbone_dtype=args.backbone_dtype, cache_features=args.cache_features,
         cache_dir=args.cache_dir, cache_dtype=args.cache_dtype or "float16", cache_max_gb=args.cache_max_gb,
+        device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder,
+        checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume,
     )
+    return config
+
+
+def _run_train(args) -> None:
+    from readapt.training import launched_processes, train
+
+    config = _train_config(args)
     metrics = train(config)
+    if launched_processes()[0] != 0:
+        return  # one of several processes: the main one reports
+    if metrics.get("resumed_at_steps"):
+        print(f"\nreadapt train: resumed at step(s) {', '.join(map(str, metrics['resumed_at_steps']))}")
     best = metrics["best_dev"]
     print(f"\nreadapt train: {metrics['task']} with {metrics['method']} on {metrics['model']}")
     print(f"  best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}: "
@@ -209,6 +279,10 @@ def _run_train(args) -> None:
     print(f"  peak memory {metrics['peak_memory_bytes'] / 2**20:.1f} MiB ({metrics['peak_memory_meter']})")
     print(f"  trainable parameters {metrics['trainable_parameters']:,d} "
           f"({metrics['trainable_percent']:.3f}% of the backbone's {metrics['backbone_parameters']:,d})")
+    if metrics.get("backbone_device_map"):
+        from readapt.offload import describe_device_map
+
+        print(f"  backbone placement (device-map entries per device): {describe_device_map(metrics['backbone_device_map'])}")
     cache = metrics.get("feature_cache")
     if cache:
         print(f"  feature cache: {cache['bytes'] / 1e6:.1f} MB {cache['dtype']} in {cache['directory']} "
@@ -225,6 +299,18 @@ def _run_eval(args) -> None:
     print(json.dumps(results, indent=2))
     if args.output:
         atomic_write_json(args.output, results)
+
+
+def _run_predict(args) -> None:
+    from readapt.predict import run_predict
+
+    summary = run_predict(args.adapter, args.input, output=args.output, model=args.model, names=args.name or None,
+                          batch_size=args.batch_size, cpu=args.cpu, progress=not args.no_progress)
+    passes = len(summary["groups"])
+    print(f"readapt predict: {summary['rows']} rows, {len(summary['adapters'])} adapter(s) "
+          f"({', '.join(summary['adapters'])}), {passes} backbone pass(es) per batch, {summary['batches']} batch(es), "
+          f"{summary['predict_seconds']:.1f} s on {summary['device']}" + (f"; wrote {summary['output']}" if summary["output"] else ""),
+          file=sys.stderr)
 
 
 def _comma_list(text: str, name: str, convert=str) -> list:
@@ -279,20 +365,61 @@ def _run_bench(args) -> None:
         raise ReadaptError(f"{len(failed)} measurement(s) failed; re-run the same command to retry them")
 
 
+def _launch_processes(args, argv: list[str]) -> int:
+    """`readapt train --num-processes N`: the same command in N processes under Accelerate's launcher (torchrun
+    underneath); each process then finds its rank in the environment. Returns the launcher's exit status."""
+    import subprocess
+
+    from readapt.training import load_task_data
+
+    config = _train_config(args)  # bad settings or data: one line here, before any process starts
+    config.validate()
+    load_task_data(config.data, config.seed)
+    rest, skip = [], False
+    for item in argv:  # the command without --num-processes
+        if skip:
+            skip = False
+        elif item == "--num-processes":
+            skip = True
+        elif not item.startswith("--num-processes="):
+            rest.append(item)
+    # --multi_gpu picks Accelerate's torchrun launcher; without a GPU (or with --cpu) each process runs
+    # Accelerate's multi-CPU mode with the gloo backend.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.num_processes), "--num_machines", "1", "--mixed_precision", args.mixed_precision,
+               "--dynamo_backend", "no", "-m", "readapt", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # bad arguments (message already printed) or --help: a status, also in-process
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.debug:
         # transformers' own warnings (newly initialised heads etc.) go to the log, not the terminal
         logging.getLogger("transformers").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # e.g. "Loading weights"
     try:
+        if args.command == "train" and args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_processes(args, argv)
         if args.command == "train":
             _run_train(args)
         elif args.command == "bench":
             _run_bench(args)
+        elif args.command == "predict":
+            _run_predict(args)
         else:
             _run_eval(args)
+    except TrainingInterrupted as exc:
+        print(f"readapt: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ReadaptError as exc:
         if args.debug:
             raise
@@ -300,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("readapt: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

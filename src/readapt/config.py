@@ -14,6 +14,7 @@ from readapt.errors import ConfigError
 RNN_TYPES = ("gru", "lstm", "rnn")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
+SEQUENCE_CONTEXTS = ("none", "mean")
 STACK_NAMES = ("encoder", "decoder")
 # Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
@@ -45,6 +46,12 @@ class ReadConfig:
     scaling: float = 1.0
     h0: str = "zeros"
     dropout: float = 0.0
+    # Encoder stacks: "mean" adds to every token's RNN summary the mean of the summaries of all real tokens of
+    # its sequence (padding excluded), so each token's correction sees the whole input. Without it each token is
+    # corrected from its own layer states only, and a head that reads one position ([CLS]) gets a correction
+    # computed from that position alone. No extra parameters. Decoder stacks: not supported yet (a causal
+    # version must carry a running sum through generation's KV cache).
+    sequence_context: str = "none"
     # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
     # gradients flow through the frozen decoder (more memory); it exists for ablations.
     couple_encoder: bool = False
@@ -70,6 +77,7 @@ class ReadConfig:
         _choice("rnn_type", self.rnn_type, RNN_TYPES)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("h0", self.h0, H0_MODES)
+        _choice("sequence_context", self.sequence_context, SEQUENCE_CONTEXTS)
         for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

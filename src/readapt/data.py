@@ -20,15 +20,19 @@ class Candidates:
     token_ids: tuple[tuple[int, ...], ...]
 
 
-def candidates_for(task: Task, tokenizer) -> Candidates:
+def candidate_answers(task: Task) -> tuple[tuple[int | float, ...], list[str]]:
+    """The answers a text-to-text model may give: label values and their target texts."""
     if task.is_regression:
         # STS-B as in the T5 paper: the score rounded to 0.2, so 26 possible answers 0.0 ... 5.0.
         low, high = task.target_range or (0.0, 5.0)
         values = tuple(round(low + 0.2 * i, 1) for i in range(int(round((high - low) / 0.2)) + 1))
-        texts = [stsb_to_text(v) for v in values]
-    else:
-        values = tuple(range(task.num_labels))
-        texts = [task.label_to_text(v) for v in values]
+        return values, [stsb_to_text(v) for v in values]
+    values = tuple(range(task.num_labels))
+    return values, [task.label_to_text(v) for v in values]
+
+
+def candidates_for(task: Task, tokenizer) -> Candidates:
+    values, texts = candidate_answers(task)
     return Candidates(values, tuple(tuple(tokenizer(t).input_ids) for t in texts))
 
 

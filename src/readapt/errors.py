@@ -19,3 +19,11 @@ class IncompatibleAdapterError(ReadaptError, ValueError):
 
 class DataError(ReadaptError, ValueError):
     """Task data is missing, malformed or inconsistent with the task definition."""
+
+
+class TrainingError(ReadaptError):
+    """Training cannot go on (the loss became NaN, the disk is full); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(ReadaptError):
+    """SIGINT / SIGTERM: the run stopped at a step boundary after writing a checkpoint."""

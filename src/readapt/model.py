@@ -19,15 +19,27 @@ cached call (layer states, final output, embedding output) and goes straight to 
 Low-precision backbones (bfloat16 / float16 weights): the side networks and the task head stay float32; the
 correction is added in float32 and the corrected state stays float32 on its way to the head (the frozen LM
 head of a text-to-text model gets it in its own dtype and returns float32 logits).
+
+Several adapters (PEFT-style `load_adapter` / `set_adapter` / `delete_adapter`): each named adapter owns its
+READ config, side networks and task head modules (heads of other shapes for other label sets). The module tree
+always holds the active adapter only (`self.read`, the backbone's head submodules), so a single-adapter model
+is exactly what it was; the others wait in `_adapters` and are swapped in by `set_adapter`. Because every
+adapter reads the same frozen states, `run_adapters` runs the frozen stacks once and replays their states to
+each adapter (the feature-cache replay path), which gives each adapter exactly its own stand-alone output.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,29 +47,35 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from readapt import __version__
 from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack, describe_backbone
+from readapt.cache import CachedCall
 from readapt.config import ReadConfig
 from readapt.errors import ConfigError, IncompatibleAdapterError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from readapt.offload import is_dispatched, side_network_device
 from readapt.side_network import ReadSideNetwork
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 READ_ENCODER_STATES = "read_encoder_states"
+# Weight files that are Python pickles (torch.save): refused, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DEFAULT_ADAPTER = "default"
 
 
 class _LayerCapture:
     """One stack forward's layer outputs, copied into a single (N, B, T, d) buffer as they appear."""
 
-    def __init__(self, num_layers: int, dtype: torch.dtype):
+    def __init__(self, num_layers: int, dtype: torch.dtype, device: torch.device | None = None):
         self.num_layers = num_layers
         self.dtype = dtype
+        self.device = device  # None: the first layer output's device (a dispatched backbone: the side networks')
         self.states: torch.Tensor | None = None
         self.embeddings: torch.Tensor | None = None
         self.seen = 0
 
     def add(self, index: int, hidden: torch.Tensor) -> None:
         if self.states is None:
-            self.states = hidden.new_empty((self.num_layers, *hidden.shape), dtype=self.dtype)
+            self.states = hidden.new_empty((self.num_layers, *hidden.shape), dtype=self.dtype, device=self.device)
         self.states[index].copy_(hidden)
         self.seen += 1
 
@@ -105,18 +123,50 @@ class FrozenBackboneWrapper(nn.Module):
             handle.remove()
         self._hooks.clear()
         for module in self._wrapped:
+            previous = getattr(module.__dict__.get("forward"), "__wrapped__", None)
             del module.forward
+            if previous is not None and getattr(previous, "__self__", None) is not module:
+                module.forward = previous  # an instance-level forward we wrapped (an Accelerate dispatch hook)
         self._wrapped.clear()
         return self.backbone
+
+
+@dataclass
+class _Adapter:
+    """One named READ adapter. The active adapter's modules are the ones installed in the model; the others
+    wait here until `set_adapter` swaps them in."""
+
+    config: ReadConfig
+    read: nn.ModuleDict  # side network per adapted stack
+    heads: dict[str, nn.Module]  # task head modules by their name in the backbone
+    labels: dict[str, Any]  # the backbone's label settings that go with these heads (see _label_settings)
+
+
+def _clear_hooks(module: nn.Module) -> None:
+    """A deep-copied module carries its original's hooks, which the original's handles would not remove."""
+    for sub in module.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                     "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            hooks = getattr(sub, name, None)
+            if hooks is not None:
+                hooks.clear()
+
+
+def _copy_call(call: CachedCall) -> CachedCall:
+    """A cached stack call whose tensors the side network may normalise in place (the final output is only read)."""
+    return CachedCall(call.stack, call.states.clone(), call.final,
+                      None if call.embeddings is None else call.embeddings.clone())
 
 
 class ReadModel(FrozenBackboneWrapper):
     """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
 
-    def __init__(self, backbone: nn.Module, config: ReadConfig):
+    def __init__(self, backbone: nn.Module, config: ReadConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if not isinstance(config, ReadConfig):
             raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
+        _check_adapter_name(adapter_name)
         info = describe_backbone(backbone)
         self.backbone = backbone
         self.read_config = config
@@ -129,24 +179,26 @@ class ReadModel(FrozenBackboneWrapper):
             backbone.get_submodule(name).requires_grad_(True)
         self.backbone_dtype = next(backbone.parameters()).dtype
 
-        encoder_dim = None
-        if info.family == ENCODER_DECODER and config.encoder_context:
-            encoder_dim = info.stacks[0].hidden_size
-        self.read = nn.ModuleDict({
-            stack.name: ReadSideNetwork(stack.hidden_size, config, encoder_dim if stack.name == "decoder" else None)
-            for stack in self.adapted_stacks
-        })
-        self.read.to(next(backbone.parameters()).device)
+        self.read = self._side_networks(config)
+        # Dispatched backbone (readapt.offload): layer states are gathered on the side networks' device.
+        self._capture_device = next(self.read.parameters()).device if is_dispatched(backbone) else None
 
         self._captures: dict[str, _LayerCapture] = {}
         self._encoder_states: torch.Tensor | None = None
         self._replay: collections.deque | None = None  # cached stack calls still to feed (feature cache)
         self._recorder = None  # receives each stack's states while a feature cache is written
+        self._shared_calls: list[CachedCall] | None = None  # run_adapters: the first adapter's stack calls
+        self._positions: slice | None = None  # correcting_positions: the token positions the side networks see
+        self._outer_mask: torch.Tensor | None = None  # the 2D attention mask of the running backbone call
         self._hooks: list = []
         self._wrapped: list[nn.Module] = []
+        self._embedding_hooks = False
         self._install_hooks()
         if self.backbone_dtype in LOW_PRECISION:
             self._keep_head_in_float32()
+        heads = {name: backbone.get_submodule(name) for name in self.head_module_names}
+        self._adapters: dict[str, _Adapter] = {adapter_name: _Adapter(config, self.read, heads, {})}
+        self._active = adapter_name
         self.train(backbone.training)
 
     # ---------------------------------------------------------------- construction helpers
@@ -159,6 +211,9 @@ class ReadModel(FrozenBackboneWrapper):
                 raise ConfigError(
                     f"ReadConfig.stacks names {name!r}, but this {info.family} model has only: {', '.join(available)}"
                 )
+        if config.sequence_context != "none" and "encoder" not in wanted:
+            raise ConfigError(f"ReadConfig.sequence_context={config.sequence_context!r} needs an adapted encoder stack; "
+                              f"this {info.family} model adapts only: {', '.join(wanted)} (decoder stacks: not yet)")
         if info.family == ENCODER_DECODER and wanted == ["encoder"] and not config.couple_encoder:
             raise ConfigError(
                 "ReadConfig.stacks=['encoder'] on an encoder-decoder model needs couple_encoder=True: "
@@ -174,20 +229,49 @@ class ReadModel(FrozenBackboneWrapper):
                 backbone.get_submodule(name)
             except AttributeError:
                 raise ConfigError(f"ReadConfig.head_modules names {name!r}, which {info.architecture} does not have") from None
+            if any(p.device.type == "meta" for p in backbone.get_submodule(name).parameters()):
+                raise ConfigError(f"task head {name!r} is offloaded (meta weights), but READ trains it: keep it on a "
+                                  "device (readapt.pretrained.load_backbone(device_map=...) does)")
         return list(names)
+
+    def _side_networks(self, config: ReadConfig) -> nn.ModuleDict:
+        """Fresh side networks (zero up-projections) for the adapted stacks, on the backbone's device."""
+        encoder_dim = None
+        if self.info.family == ENCODER_DECODER and config.encoder_context:
+            encoder_dim = self.info.stacks[0].hidden_size
+        # Sequence context is for encoder stacks (ReadConfig.sequence_context); a decoder's side network goes without.
+        decoder_config = dataclasses.replace(config, sequence_context="none")
+        read = nn.ModuleDict({
+            stack.name: ReadSideNetwork(stack.hidden_size, decoder_config if stack.name == "decoder" else config,
+                                        encoder_dim if stack.name == "decoder" else None)
+            for stack in self.adapted_stacks
+        })
+        # A backbone dispatched by Accelerate (split / offloaded): the device of the final hidden state.
+        return read.to(side_network_device(self.backbone, self.adapted_stacks[-1].module))
+
+    def _install_embedding_hooks(self) -> None:
+        """Capture the embedding output (READ h0 = "embeddings"); installed once, when an adapter needs it."""
+        if self._embedding_hooks:
+            return
+        for stack in self.adapted_stacks:
+            self._hooks.append(stack.layers[0].register_forward_pre_hook(
+                functools.partial(self._on_embeddings, stack.name), with_kwargs=True))
+        self._embedding_hooks = True
 
     def _install_hooks(self) -> None:
         side_dtype = next(self.read.parameters()).dtype
         coupled = self.read_config.couple_encoder
+        if self.read_config.h0 == "embeddings":
+            self._install_embedding_hooks()
         for stack in self.adapted_stacks:
             for index, layer in enumerate(stack.layers):
                 self._hooks.append(layer.register_forward_hook(functools.partial(self._on_layer_output, stack.name, index)))
-            if self.read_config.h0 == "embeddings":
-                self._hooks.append(stack.layers[0].register_forward_pre_hook(
-                    functools.partial(self._on_embeddings, stack.name), with_kwargs=True))
             # The coupled decoder must back-propagate into the corrected encoder output it consumes.
             run_without_grad = not (coupled and stack.name == "decoder")
             self._wrap_stack(stack, side_dtype, run_without_grad)
+        # The caller's 2D attention mask, for sequence context (an encoder stack itself may get only a 4D one).
+        self._hooks.append(self.backbone.register_forward_pre_hook(self._pick_up_attention_mask, with_kwargs=True))
+        self._hooks.append(self.backbone.register_forward_hook(self._drop_attention_mask, always_call=True))
         adapted = {s.name for s in self.adapted_stacks}
         if self.info.family == ENCODER_DECODER and adapted == {"encoder", "decoder"} and not coupled:
             self._hooks.append(self.backbone.register_forward_pre_hook(self._pick_up_encoder_states, with_kwargs=True))
@@ -198,8 +282,7 @@ class ReadModel(FrozenBackboneWrapper):
         small updates), and the frozen LM head, which gets the float32 corrected state, computes in its own
         dtype and returns float32 logits for the loss."""
         for name in self.head_module_names:
-            head = self.backbone.get_submodule(name).float()
-            self._hooks.append(head.register_forward_pre_hook(_cast_floating_inputs(torch.float32), with_kwargs=True))
+            self._float32_head(self.backbone.get_submodule(name))
         try:
             lm_head = self.backbone.get_output_embeddings()
         except (AttributeError, NotImplementedError):
@@ -209,6 +292,11 @@ class ReadModel(FrozenBackboneWrapper):
             self._hooks.append(lm_head.register_forward_pre_hook(_cast_floating_inputs(weight.dtype), with_kwargs=True))
             self._hooks.append(lm_head.register_forward_hook(_float_output))
 
+    def _float32_head(self, head: nn.Module) -> nn.Module:
+        head.float()
+        self._hooks.append(head.register_forward_pre_hook(_cast_floating_inputs(torch.float32), with_kwargs=True))
+        return head
+
     def _wrap_stack(self, stack: Stack, side_dtype: torch.dtype, run_without_grad: bool) -> None:
         original = stack.module.forward
 
@@ -217,7 +305,7 @@ class ReadModel(FrozenBackboneWrapper):
             if self._replay is not None:
                 capture, output = self._next_cached_call(stack, side_dtype)
                 return self._apply_correction(stack, capture, output, kwargs)
-            capture = _LayerCapture(stack.num_layers, side_dtype)
+            capture = _LayerCapture(stack.num_layers, side_dtype, self._capture_device)
             self._captures[stack.name] = capture
             try:
                 with torch.no_grad() if run_without_grad else contextlib.nullcontext():
@@ -226,6 +314,11 @@ class ReadModel(FrozenBackboneWrapper):
                 del self._captures[stack.name]
             if self._recorder is not None:
                 return self._record(stack, capture, output)
+            if self._shared_calls is not None:  # run_adapters: keep the states, unnormalised, for the others
+                keep = self._positions or slice(None)  # correcting_positions: the other positions are never read
+                self._shared_calls.append(CachedCall(
+                    stack.name, capture.states[:, :, keep].clone(), _first_tensor(output),
+                    None if capture.embeddings is None else capture.embeddings[:, keep].clone()))
             return self._apply_correction(stack, capture, output, kwargs)
 
         stack.module.forward = forward
@@ -241,7 +334,27 @@ class ReadModel(FrozenBackboneWrapper):
         capture = self._captures.get(stack_name)
         if capture is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            capture.embeddings = hidden.detach().to(capture.dtype, copy=True)
+            capture.embeddings = hidden.detach().to(device=capture.device or hidden.device, dtype=capture.dtype, copy=True)
+
+    def _pick_up_attention_mask(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self._outer_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _drop_attention_mask(self, module, args, output) -> None:
+        self._outer_mask = None
+
+    def _token_mask(self, kwargs, final: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) with 1 = real token, for sequence context: the stack's own 2D mask, else the caller's, else one
+        recovered from the stack's 4D mask; None (every token real) when there is none."""
+        batch, tokens = final.shape[:2]
+        for mask in (kwargs.get("attention_mask"), self._outer_mask):
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == (batch, tokens):
+                return mask
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == batch and mask.shape[-1] == tokens:
+            keys = mask[:, 0, -1, :]  # an encoder's mask: every query row holds the same key mask
+            return keys if keys.dtype == torch.bool else keys > torch.finfo(keys.dtype).min / 2
+        return None
 
     def _pick_up_encoder_states(self, module, args, kwargs) -> None:
         encoder_outputs = kwargs.get("encoder_outputs")
@@ -327,10 +440,28 @@ class ReadModel(FrozenBackboneWrapper):
                 encoder_mask = None  # an already expanded 4D mask: attend everywhere rather than guess its layout
             if encoder_states is not None and encoder_states.shape[0] != final.shape[0]:
                 raise RuntimeError(f"READ encoder states have batch {encoder_states.shape[0]}, decoder has {final.shape[0]}")
-        delta = self.read[stack.name](capture.states, capture.embeddings, encoder_states, encoder_mask)
+        states, embeddings = capture.states, capture.embeddings
+        token_mask = self._token_mask(kwargs, final) if self.read[stack.name].sequence_context != "none" else None
+        positions = self._positions
+        # correcting_positions: the side networks see those positions only (states that run_adapters kept are cut
+        # already: fewer positions than the final state, or all of them, which cutting again leaves unchanged)
+        if positions is not None and states.shape[2] == final.shape[1]:
+            states = states[:, :, positions].contiguous()
+            embeddings = None if embeddings is None else embeddings[:, positions].contiguous()
+        if self._capture_device is not None:  # a dispatched backbone: everything READ computes on one device
+            side = self._capture_device
+            states, embeddings, encoder_states, encoder_mask, token_mask = (
+                None if t is None else t.to(side) for t in (states, embeddings, encoder_states, encoder_mask, token_mask))
+        delta = self.read[stack.name](states, embeddings, encoder_states, encoder_mask, token_mask)
+        if delta.device != final.device:
+            delta = delta.to(final.device)
         # In the wider of the two dtypes: a float32 correction is not rounded away on a bfloat16 backbone.
         merged = torch.promote_types(final.dtype, delta.dtype)
-        corrected = final.to(merged) + delta.to(merged)
+        if positions is None:
+            corrected = final.to(merged) + delta.to(merged)
+        else:
+            corrected = final.to(merged, copy=True)
+            corrected[:, positions] += delta.to(merged)
 
         if stack.name == "encoder" and self.info.family == ENCODER_DECODER:
             if not self.read_config.couple_encoder:
@@ -342,6 +473,272 @@ class ReadModel(FrozenBackboneWrapper):
             return (corrected, *output[1:])
         output[next(iter(output.keys()))] = corrected
         return output
+
+    # ---------------------------------------------------------------- several adapters
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter whose side networks and head run now."""
+        return self._active
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        return list(self._adapters)
+
+    def list_adapters(self) -> list[str]:
+        return self.adapters
+
+    @property
+    def adapter_configs(self) -> dict[str, ReadConfig]:
+        """Each adapter's READ config (PEFT's `peft_config`)."""
+        return {name: adapter.config for name, adapter in self._adapters.items()}
+
+    def _adapter(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            raise ConfigError(f"no adapter named {name!r}; loaded: {', '.join(self._adapters)}")
+        return self._adapters[name]
+
+    def load_adapter(self, adapter_directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a READ adapter saved with `save_pretrained` (or `readapt train`) next to the ones already loaded.
+        It must come from a backbone like this one (same signature) and attach READ the same way (same stacks,
+        same coupling, same head module names); its head may have another shape (another label set): it gets
+        its own head modules. The active adapter does not change (use `set_adapter`)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self._adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} is already loaded; delete it first or pick another name")
+        adapter_directory = Path(adapter_directory)
+        metadata = read_adapter_metadata(adapter_directory, method="read")
+        check_backbone_compatible(metadata["backbone"], self.info.signature(), adapter_directory)
+        try:
+            config = ReadConfig.from_dict(metadata["config"])
+        except ConfigError as exc:
+            raise IncompatibleAdapterError(f"adapter {adapter_directory}: {exc}") from None
+        self._check_same_attachment(config, metadata, adapter_directory)
+        state = load_safetensors(adapter_directory / WEIGHTS_NAME)
+        read = self._side_networks(config)
+        heads = {name: self._head_for(name, state, adapter_directory) for name in self.head_module_names}
+        _copy_into(self._adapter_tensors(read, heads), state, str(adapter_directory))
+        if config.h0 == "embeddings":
+            self._install_embedding_hooks()
+        for module in (read, *heads.values()):
+            module.requires_grad_(is_trainable)
+        self._adapters[adapter_name] = _Adapter(config, read, heads, self._labels_for(heads, adapter_directory))
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter that runs: its side networks and head modules go into the model."""
+        adapter = self._adapter(adapter_name)
+        if adapter_name == self._active:
+            return
+        self._adapters[self._active].labels = self._label_settings()
+        self.read = adapter.read.to(next(self.read.parameters()).device)  # where the side networks live
+        self.read_config = adapter.config
+        for name, head in adapter.heads.items():
+            current = next(self.backbone.get_submodule(name).parameters(), None)
+            _set_submodule(self.backbone, name, head if current is None else head.to(current.device))
+        self._apply_label_settings(adapter.labels)
+        self._active = adapter_name
+        for module in (adapter.read, *adapter.heads.values()):  # the mode train() gives them (the body's is unchanged)
+            module.train(self.training)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget an adapter. Deleting the active one activates the first of the others; the last one stays."""
+        self._adapter(adapter_name)
+        if len(self._adapters) == 1:
+            raise ConfigError(f"{adapter_name!r} is the only adapter of this model; it cannot be deleted")
+        if adapter_name == self._active:
+            self.set_adapter(next(name for name in self._adapters if name != adapter_name))
+        del self._adapters[adapter_name]
+
+    @contextlib.contextmanager
+    def using_adapter(self, adapter_name: str):
+        """Within this block `adapter_name` is active; the previously active adapter comes back afterwards."""
+        previous = self._active
+        self.set_adapter(adapter_name)
+        try:
+            yield self
+        finally:
+            if previous in self._adapters:
+                self.set_adapter(previous)
+
+    @contextlib.contextmanager
+    def correcting_positions(self, positions: slice):
+        """Within this block the side networks correct only the token positions `positions` (e.g. slice(0, 1):
+        BERT's [CLS]); the other positions keep the backbone's state. The side network works per token, so for
+        a head that reads only those positions (BERT-style classifiers read [CLS]; `head_reads_only` checks)
+        the logits are those of the full correction, to float rounding (the RNN's matrix products run on fewer
+        rows), at a fraction of the side networks' cost: on all-MiniLM-L6-v2 with r = 256 the side network
+        costs a fifth to a third of a backbone pass when it runs over every token (benchmarks/predict.py). Single-stack (encoder-only / decoder-only) models
+        only: a decoder side network attends over every corrected encoder position."""
+        if len(self.adapted_stacks) != 1:
+            raise ConfigError("correcting_positions works on single-stack (encoder-only / decoder-only) models only")
+        with_context = sorted(name for name, config in self.adapter_configs.items() if config.sequence_context != "none")
+        if with_context:
+            raise ConfigError(f"correcting_positions: adapter(s) {', '.join(with_context)} use sequence context, so every "
+                              "position's correction depends on all the others")
+        if not isinstance(positions, slice):
+            raise ConfigError(f"positions must be a slice, got {type(positions).__name__}")
+        previous, self._positions = self._positions, positions
+        try:
+            yield self
+        finally:
+            self._positions = previous
+
+    @torch.no_grad()
+    def head_reads_only(self, positions: slice, **inputs) -> bool:
+        """Whether the logits of `self(**inputs)` depend on the stack's final state at `positions` only: the
+        state everywhere else is replaced with noise, and the logits must stay exactly the same."""
+        if len(self.adapted_stacks) != 1:
+            return False
+
+        def scramble(module, args, output):
+            hidden = _first_tensor(output)
+            generator = torch.Generator(device=hidden.device).manual_seed(0)  # leaves the global RNG alone
+            noisy = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype) * 10
+            noisy[:, positions] = hidden[:, positions]
+            if isinstance(output, (tuple, list)):
+                return (noisy, *output[1:])
+            output[next(iter(output.keys()))] = noisy
+            return output
+
+        reference = self(**inputs).logits
+        handle = self.adapted_stacks[0].module.register_forward_hook(scramble)
+        try:
+            scrambled = self(**inputs).logits
+        finally:
+            handle.remove()
+        return reference.shape == scrambled.shape and torch.equal(reference, scrambled)
+
+    @torch.no_grad()
+    def run_adapters(self, run: Callable[[], Any], adapter_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """{adapter: run()} for each adapter (default: all), running the frozen stacks only once.
+
+        `run` is any inference computation with this model, e.g. `lambda: model(**inputs).logits` or a
+        text-to-text candidate scoring that calls the encoder once and the model once per candidate; it must
+        make the same stack calls each time. The first adapter runs live, and its stack calls' layer states are
+        kept (before the in-place normalisation); every other adapter replays copies of them. An adapter gets
+        exactly the side-network inputs it would get alone, so its result equals `run()` with it active, bit
+        for bit on deterministic kernels. Only what follows the stacks (embeddings, pooler, head, LM head)
+        runs once per adapter. Needs decoupled READ: a coupled backbone decoder consumes each adapter's own
+        encoder correction. Outputs of the replayed adapters carry no per-layer hidden states / attentions."""
+        names = list(self._adapters) if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._adapter(name)
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"run_adapters needs distinct adapter names, got {names}")
+        if self.read_config.couple_encoder:
+            raise ConfigError("run_adapters needs decoupled READ: with couple_encoder=True the backbone decoder "
+                              "consumes each adapter's own encoder correction, so its states cannot be shared")
+        outputs: dict[str, Any] = {}
+        with self.using_adapter(names[0]):
+            if len(names) == 1:
+                return {names[0]: run()}
+            calls: list[CachedCall] = []
+            self._shared_calls = calls
+            try:
+                outputs[names[0]] = run()
+            finally:
+                self._shared_calls = None
+            for position, name in enumerate(names[1:], start=2):
+                self.set_adapter(name)
+                # The last adapter may consume the kept states; the others normalise copies of them.
+                with self.replaying(calls if position == len(names) else [_copy_call(c) for c in calls]):
+                    outputs[name] = run()
+        return outputs
+
+    def forward_adapters(self, *args, adapter_names: Sequence[str] | None = None, **kwargs) -> dict[str, Any]:
+        """{adapter: model(*args, **kwargs)} for each adapter (default: all), the frozen stacks run once."""
+        return self.run_adapters(lambda: self(*args, **kwargs), adapter_names)
+
+    def _check_same_attachment(self, config: ReadConfig, metadata: dict, directory: Path) -> None:
+        """Adapters share this model's hooks: the same stacks, coupling and head module names."""
+        try:
+            stacks = [s.name for s in self._select_stacks(self.info, config)]
+        except ConfigError as exc:
+            raise IncompatibleAdapterError(f"adapter {directory}: {exc}") from None
+        ours = [s.name for s in self.adapted_stacks]
+        if stacks != ours:
+            raise IncompatibleAdapterError(f"adapter {directory} adapts the {' + '.join(stacks)} stack(s); the adapters "
+                                           f"of this model adapt {' + '.join(ours)}")
+        if config.couple_encoder != self.read_config.couple_encoder:
+            raise IncompatibleAdapterError(f"adapter {directory} has couple_encoder={config.couple_encoder}, the adapters "
+                                           f"of this model couple_encoder={self.read_config.couple_encoder}")
+        heads = list(metadata.get("head_modules") or [])
+        if heads != self.head_module_names:
+            raise IncompatibleAdapterError(f"adapter {directory} trains the head module(s) {heads}; the adapters of "
+                                           f"this model train {self.head_module_names}")
+
+    def _head_for(self, name: str, state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
+        """A new instance of head module `name` for an adapter: a copy of the backbone's, with every Linear whose
+        saved weight has another shape (another number of labels) replaced by a Linear of the saved shape."""
+        current = self.backbone.get_submodule(name)
+        head = copy.deepcopy(current)
+        _clear_hooks(head)
+        prefix = f"head.{name}."
+        saved = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        for key, value in saved.items():
+            expected = head.state_dict().get(key)
+            if expected is None or expected.shape == value.shape:
+                continue  # a missing tensor is reported when the weights are copied
+            owner_name = key.rpartition(".")[0]
+            owner = head.get_submodule(owner_name) if owner_name else head
+            weight = saved.get(f"{owner_name}.weight" if owner_name else "weight")
+            if not isinstance(owner, nn.Linear) or weight is None or weight.dim() != 2:
+                raise IncompatibleAdapterError(
+                    f"adapter {directory}: {prefix}{key} has shape {tuple(value.shape)} but this model's is "
+                    f"{tuple(expected.shape)}, and only a Linear layer can be resized")
+            resized = nn.Linear(weight.shape[1], weight.shape[0], bias=owner.bias is not None,
+                                device=owner.weight.device, dtype=owner.weight.dtype)
+            if owner_name:
+                _set_submodule(head, owner_name, resized)
+            else:
+                head = resized
+        if self.backbone_dtype in LOW_PRECISION:
+            self._float32_head(head)
+        return head
+
+    def _adapter_tensors(self, read: nn.ModuleDict, heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        state = {f"read.{k}": v for k, v in read.state_dict().items()}
+        for name, head in heads.items():
+            state.update({f"head.{name}.{k}": v for k, v in head.state_dict().items()})
+        return state
+
+    def _label_settings(self) -> dict[str, Any]:
+        """What a sequence-classification backbone's loss reads besides the head: its label count and problem
+        type (config and model attribute), and the label names; saved and restored as adapters switch."""
+        config = self.backbone.config
+        return {"num_labels": self.backbone.__dict__.get("num_labels"), "id2label": getattr(config, "id2label", None),
+                "label2id": getattr(config, "label2id", None), "problem_type": getattr(config, "problem_type", None)}
+
+    def _apply_label_settings(self, settings: dict[str, Any]) -> None:
+        if not settings:
+            return
+        config = self.backbone.config
+        if settings["num_labels"] is not None:
+            self.backbone.num_labels = settings["num_labels"]
+        config.id2label, config.label2id = settings["id2label"], settings["label2id"]
+        config.problem_type = settings["problem_type"]
+
+    def _labels_for(self, heads: dict[str, nn.Module], directory: Path) -> dict[str, Any]:
+        """The label settings of a loaded adapter: from its task file where it has one (`readapt train` writes
+        it), else the output size of its head, with generic label names and the problem type left to infer."""
+        settings = self._label_settings()
+        if settings["num_labels"] is None:
+            return settings  # not a sequence-classification model: nothing to switch
+        from readapt.task_spec import task_labels
+
+        names, regression = task_labels(directory)
+        if regression is None:
+            sizes = {m.out_features for head in heads.values() for m in head.modules() if isinstance(m, nn.Linear)}
+            sizes.discard(self.info.stacks[-1].hidden_size)  # a pooler's or dense layer's output
+            if len(sizes) != 1 or sizes == {settings["num_labels"]}:
+                return settings  # the backbone's own label count (or no way to tell): keep its settings
+            num_labels, problem = sizes.pop(), None
+        else:
+            num_labels = 1 if regression else len(names)
+            problem = "regression" if regression else "single_label_classification"
+        id2label = {i: names[i] if names else f"LABEL_{i}" for i in range(num_labels)}
+        return {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+                "problem_type": problem}
 
     # ---------------------------------------------------------------- nn.Module behaviour
     def forward(self, *args, **kwargs):
@@ -384,21 +781,7 @@ class ReadModel(FrozenBackboneWrapper):
         return state
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise IncompatibleAdapterError(
-                f"{source} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise IncompatibleAdapterError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but this model needs {tuple(expected[key].shape)}"
-                )
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state[key])
+        _copy_into(self.adapter_state_dict(), state, source)
 
     def adapter_metadata(self) -> dict:
         return {
@@ -417,17 +800,46 @@ class ReadModel(FrozenBackboneWrapper):
         atomic_write_json(save_directory / CONFIG_NAME, self.adapter_metadata())
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, is_trainable: bool = False) -> ReadModel:
+    def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, is_trainable: bool = False,
+                        adapter_name: str = DEFAULT_ADAPTER) -> ReadModel:
         adapter_directory = Path(adapter_directory)
         metadata = read_adapter_metadata(adapter_directory, method="read")
         check_backbone_compatible(metadata["backbone"], describe_backbone(backbone).signature(), adapter_directory)
         config = ReadConfig.from_dict(metadata["config"])
-        model = cls(backbone, config)
+        model = cls(backbone, config, adapter_name=adapter_name)
         model.load_adapter_state_dict(load_safetensors(adapter_directory / WEIGHTS_NAME), source=str(adapter_directory))
         if not is_trainable:
             model.eval()
             model.requires_grad_(False)
         return model
+
+
+def _copy_into(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved tensors into live ones, after checking that names and shapes match exactly."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise IncompatibleAdapterError(
+            f"{source} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise IncompatibleAdapterError(
+                f"{source}: {key} has shape {tuple(value.shape)} but this model needs {tuple(expected[key].shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"an adapter name must be a non-empty string, got {name!r}")
 
 
 def read_adapter_metadata(adapter_directory: Path, method: str | None = None) -> dict:
@@ -438,6 +850,11 @@ def read_adapter_metadata(adapter_directory: Path, method: str | None = None) ->
         raise IncompatibleAdapterError(f"adapter directory {adapter_directory} does not exist")
     for path in (config_path, adapter_directory / WEIGHTS_NAME):
         if not path.is_file():
+            pickles = sorted(p.name for p in adapter_directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles and path.name == WEIGHTS_NAME:
+                raise IncompatibleAdapterError(
+                    f"{path} is missing and {adapter_directory} holds pickle weights ({', '.join(pickles)}), which "
+                    "readapt never loads (unpickling can run arbitrary code); save the weights as safetensors")
             raise IncompatibleAdapterError(f"{path} is missing; is {adapter_directory} a readapt adapter?")
     try:
         metadata = json.loads(config_path.read_text(encoding="utf-8"))

@@ -70,11 +70,20 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
 
 
 def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False,
-                  dtype: str | None = None) -> LoadedBackbone:
+                  dtype: str | None = None, *, device_map: str | dict | None = None,
+                  max_memory: dict | str | None = None, offload_folder: str | None = None,
+                  use_gpus: bool = True) -> LoadedBackbone:
     """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
     backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
     With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works.
-    `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them."""
+    `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them.
+
+    Big backbones (frozen, forward-only: READ), through Accelerate's big-model loading (readapt.offload):
+    `device_map` "auto" (GPUs, then CPU RAM, then disk), "cpu" (CPU RAM, then disk) or an explicit
+    {module: device} map; `max_memory` caps devices ({0: "20GiB", "cpu": "8GiB"} or "0=20GiB,cpu=8GiB"; devices
+    not named get what is free); `offload_folder` holds disk-offloaded weights that cannot be read straight
+    from the checkpoint's safetensors files. The task head is kept on the device of the final hidden state.
+    `use_gpus=False` plans "auto" without GPUs."""
     import torch
     from transformers import (
         AutoConfig,
@@ -94,15 +103,47 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     if getattr(config, "is_encoder_decoder", False):
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
+        if device_map is not None:
+            kwargs.update(_placement(AutoModelForSeq2SeqLM, config, device_map, max_memory, offload_folder,
+                                     kwargs.get("dtype"), use_gpus))
+        model = _from_pretrained(AutoModelForSeq2SeqLM, source, name_or_path, kwargs)
         return LoadedBackbone(model.eval(), tokenizer, True, description)
 
     if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; classification needs one
         tokenizer.pad_token = tokenizer.eos_token
     problem = {"problem_type": "regression"} if is_regression else {}
+    if device_map is not None:  # planned on the model skeleton that from_pretrained will build
+        head_config = AutoConfig.from_pretrained(source, **extra, num_labels=num_labels,
+                                                 pad_token_id=tokenizer.pad_token_id, **problem)
+        kwargs.update(_placement(AutoModelForSequenceClassification, head_config, device_map, max_memory,
+                                 offload_folder, kwargs.get("dtype"), use_gpus))
     # A checkpoint's own classification head of another size is replaced: the head is trained anyway.
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True,
-        **problem, **kwargs
-    )
+    model = _from_pretrained(AutoModelForSequenceClassification, source, name_or_path, dict(
+        num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **problem, **kwargs))
     return LoadedBackbone(model.eval(), tokenizer, False, description)
+
+
+def _placement(auto_class, config, device_map, max_memory, offload_folder, dtype, use_gpus: bool) -> dict:
+    """from_pretrained arguments that place a big frozen backbone (readapt.offload.plan_device_map)."""
+    from readapt.offload import empty_model, normalize_max_memory, parse_device_map, plan_device_map
+
+    device_map = parse_device_map(device_map)
+    size_dtype = dtype if dtype is not None else getattr(config, "dtype", None)
+    planned = plan_device_map(empty_model(auto_class, config), device_map, normalize_max_memory(max_memory),
+                              size_dtype if not isinstance(size_dtype, str) or size_dtype != "auto" else None,
+                              use_gpus=use_gpus)
+    placement = {"device_map": planned}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    return placement
+
+
+def _from_pretrained(auto_class, source: str, name_or_path: str | None, kwargs: dict):
+    if "device_map" not in kwargs:
+        return auto_class.from_pretrained(source, **kwargs)
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except ValueError as exc:  # e.g. disk offload of weights that must be re-saved, with no offload folder
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "; pass --offload-folder" if "offload" in first_line.lower() and "offload_folder" not in kwargs else ""
+        raise ReadaptError(f"cannot place model {name_or_path!r} with --device-map: {first_line}{hint}") from None

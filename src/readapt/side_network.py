@@ -9,6 +9,7 @@ Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
          h0 = 0, or a projection of the embedding output φ_0,
          plus, on a decoder, attention context over the corrected encoder output (Joiner)
       -> aggregate over layers (mean or last)                  (B*T, r)
+      -> optional sequence context: + the mean summary of the sequence's real tokens (B, T, r)
       -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
 
 The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
@@ -70,6 +71,7 @@ class ReadSideNetwork(nn.Module):
         self.recompute = config.recompute
         self.chunk_tokens = config.recompute_chunk_tokens
         self.num_rnn_layers = config.num_rnn_layers
+        self.sequence_context = config.sequence_context
         self.input_projection = nn.Linear(model_dim, r) if config.input_projection else None
         rnn_input = r if config.input_projection else model_dim
         self.h0_projection = nn.Linear(model_dim, r) if config.h0 == "embeddings" else None
@@ -89,13 +91,19 @@ class ReadSideNetwork(nn.Module):
         embeddings: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed)."""
+        """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed). `token_mask`
+        (B, T), 1 = real token, is what sequence context averages over (None: every position is real)."""
         rms_normalize_(layer_states, self.eps)
         if embeddings is not None and self.h0_projection is not None:
             embeddings = rms_normalize_(embeddings, self.eps)
+        if self.sequence_context == "none":
+            token_mask = None
+        elif token_mask is None:
+            token_mask = layer_states.new_ones(layer_states.shape[1:3])
         if not (self.recompute and self.training and torch.is_grad_enabled()):
-            return self._correction(layer_states, embeddings, encoder_states, encoder_mask)
+            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
         # the chunk, whatever the batch size.
@@ -105,11 +113,11 @@ class ReadSideNetwork(nn.Module):
             part = slice(start, start + rows)
             deltas.append(checkpoint(
                 self._correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
-                _rows(encoder_mask, part), use_reentrant=False,
+                _rows(encoder_mask, part), _rows(token_mask, part), use_reentrant=False,
             ))
         return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
 
-    def _correction(self, layer_states, embeddings, encoder_states, encoder_mask) -> torch.Tensor:
+    def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape
         x = layer_states.view(n_layers, batch * tokens, model_dim)
         if self.input_projection is not None:
@@ -131,5 +139,10 @@ class ReadSideNetwork(nn.Module):
 
         outputs, _ = self.rnn(x, h0)  # (N, B*T, r)
         summary = outputs.mean(dim=0) if self.aggregation == "mean" else outputs[-1]
+        if token_mask is not None:  # sequence context: what the whole input says, added to every token
+            weights = token_mask.to(summary.dtype).view(batch, tokens, 1)
+            per_token = summary.view(batch, tokens, -1)
+            context = (per_token * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+            summary = (per_token + context).view(batch * tokens, -1)
         delta = self.up_projection(self.dropout(summary)) * self.scaling
         return delta.view(batch, tokens, model_dim)

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +37,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
+from readapt.checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    current_rng_state,
+    is_disk_full,
+    list_checkpoints,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    restore_rng,
+    restore_training_state,
+    save_checkpoint,
+)
 from readapt.config import BACKBONE_DTYPES, CACHE_DTYPES, ReadConfig
 from readapt.data import Candidates, Collator, candidates_for, encode
-from readapt.errors import ConfigError, ReadaptError
+from readapt.errors import ConfigError, TrainingError, TrainingInterrupted
 from readapt.io import atomic_write_json
 from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
 from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
@@ -46,10 +63,7 @@ logger = logging.getLogger("readapt")
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
-
-
-class TrainingError(ReadaptError):
-    """Training cannot go on (e.g. the loss became NaN)."""
+RUN_FILE = "run.json"  # in the staging directory: which run its checkpoints belong to
 
 
 @dataclass
@@ -103,6 +117,18 @@ class TrainingConfig:
     cache_dir: str | None = None  # None: $READAPT_CACHE_DIR, else ~/.cache/readapt/features
     cache_dtype: str = "float16"
     cache_max_gb: float | None = None  # None: only the free disk space bounds the cache
+    # A frozen backbone bigger than one device (READ only; readapt.offload): placed by Accelerate's big-model
+    # loading, split over GPUs and/or offloaded to CPU RAM and disk; side networks and head on one device.
+    device_map: str | None = None  # auto | cpu | JSON {module: device}; None: all on the training device
+    max_memory: str | None = None  # DEVICE=SIZE[,DEVICE=SIZE...], e.g. "0=20GiB,cpu=8GiB" (needs device_map)
+    offload_folder: str | None = None  # disk-offloaded weights that cannot be read from the checkpoint itself
+    # Checkpoints (readapt.checkpoint): every N optimizer steps, every M minutes of training and at every epoch
+    # end; the newest `keep_checkpoints` are kept while the run lasts and removed once it has finished.
+    checkpoints: bool = True  # False: none at all (a failed run then leaves nothing; `readapt bench` cells)
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float = 15.0  # 0: no time-based checkpoints
+    keep_checkpoints: int = 2
+    resume: bool | None = None  # None: continue this run's newest checkpoint if there is one; True: must; False: start over
 
     def validate(self) -> None:
         self.data.validate()
@@ -112,6 +138,9 @@ class TrainingConfig:
             "max_length": self.max_length >= 8, "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_grad_norm": self.max_grad_norm > 0,
         }
+        checks.update({"checkpoint_every": self.checkpoint_every is None or self.checkpoint_every >= 1,
+                       "checkpoint_minutes": self.checkpoint_minutes >= 0 and math.isfinite(self.checkpoint_minutes),
+                       "keep_checkpoints": self.keep_checkpoints >= 1})
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range")
@@ -136,6 +165,22 @@ class TrainingConfig:
         if self.cache_features and ReadConfig.from_dict(self.method_options).couple_encoder:
             raise ConfigError("--cache-features needs decoupled READ: with --couple-encoder the backbone decoder "
                               "consumes the trained encoder correction, so its states change during training")
+        self._validate_placement()
+
+    def _validate_placement(self) -> None:
+        from readapt.offload import normalize_max_memory, parse_device_map
+
+        if self.device_map is None:
+            given = [flag for flag, value in (("--max-memory", self.max_memory), ("--offload-folder", self.offload_folder))
+                     if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} need(s) --device-map")
+            return
+        if self.method != "read":
+            raise ConfigError(f"--device-map needs --method read: {self.method} back-propagates through or trains the "
+                              "backbone, which a split or offloaded backbone (placed for forward passes only) cannot do")
+        parse_device_map(self.device_map)
+        normalize_max_memory(self.max_memory)
 
     @property
     def learning_rate(self) -> float:
@@ -169,9 +214,11 @@ def set_seed(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None, progress: bool = False,
-            description: str = "eval") -> list[int | float]:
+            description: str = "eval", gather=None) -> list[int | float]:
     """Predictions for every example of `loader`: argmax / regression output of a head, or, for
-    text-to-text models, rank classification over the candidate answers (highest total log-likelihood)."""
+    text-to-text models, rank classification over the candidate answers (highest total log-likelihood).
+    Several processes (each scoring its shard of every batch): `gather` = Accelerate's gather_for_metrics,
+    which puts the shards back in order and drops the examples repeated to even out the last batch."""
     model.eval()
     no_cache = _no_kv_cache(model)
     predictions: list[int | float] = []
@@ -179,11 +226,13 @@ def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None
         with _replaying(model, batch):
             if candidates is None:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
-                predictions.extend(logits.squeeze(-1).float().tolist() if task.is_regression
-                                   else logits.argmax(-1).tolist())
+                batch_predictions = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
             else:
-                scores = _candidate_scores(model, batch, candidates)
-                predictions.extend(candidates.values[i] for i in scores.argmax(-1).tolist())
+                batch_predictions = _candidate_scores(model, batch, candidates).argmax(-1)
+        if gather is not None:
+            batch_predictions = gather(batch_predictions)
+        values = batch_predictions.tolist()
+        predictions.extend(values if candidates is None else [candidates.values[i] for i in values])
     return predictions
 
 
@@ -223,6 +272,7 @@ class DevEvaluator:
     loaders: dict[str, DataLoader]
     references: dict[str, list]
     candidates: Candidates | None  # text-to-text: the answers ranked at prediction time
+    gather: Any = None  # several processes: Accelerate's gather_for_metrics
 
     @classmethod
     def build(cls, task: Task, dev_examples: dict[str, list[Example]], loaded, max_length: int, batch_size: int,
@@ -234,14 +284,18 @@ class DevEvaluator:
             features, split_collator = encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text), collator
             if feature_cache is not None:
                 features, split_collator = feature_cache.attach(f"dev {split}", features, collator, candidates)
-            loaders[split] = accelerator.prepare(_loader(features, batch_size, split_collator, shuffle=False, seed=0))
+            loaders[split] = accelerator.prepare(_loader(features, batch_size, split_collator))
         references = {split: [e.label for e in rows] for split, rows in dev_examples.items()}
-        return cls(task, loaders, references, candidates)
+        gather = accelerator.gather_for_metrics if getattr(accelerator, "num_processes", 1) > 1 else None
+        return cls(task, loaders, references, candidates, gather)
 
     def __call__(self, model, progress: bool) -> dict[str, dict[str, float]]:
         results = {}
         for split, loader in self.loaders.items():
-            predictions = predict(model, loader, self.task, self.candidates, progress, description=f"eval {split}")
+            predictions = predict(model, loader, self.task, self.candidates, progress, description=f"eval {split}",
+                                  gather=self.gather)
+            if len(predictions) != len(self.references[split]):  # every dev example scored exactly once
+                raise RuntimeError(f"{len(predictions)} predictions for {len(self.references[split])} {split} examples")
             results[split] = compute_metrics(self.task, predictions, self.references[split])
         return results
 
@@ -252,13 +306,69 @@ def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- training
+# Settings that change neither the numbers a run computes nor its data: a run may be resumed with other values.
+RESUME_INDEPENDENT = ("output_dir", "overwrite", "progress", "checkpoints", "checkpoint_every", "checkpoint_minutes",
+                      "keep_checkpoints", "resume", "cache_dir", "cache_max_gb",
+                      "max_memory", "offload_folder")  # where backbone weights wait; the device map itself counts
+
+
+def run_fingerprint(config: TrainingConfig, train_examples: list[Example], dev_examples: dict[str, list[Example]],
+                    processes: int = 1) -> str:
+    """What makes two runs the same run: every setting that affects the result, and the data itself (so that
+    moved or edited data files are noticed), hashed. A run is resumed only under the same fingerprint."""
+    settings = _config_dict(config)
+    for name in RESUME_INDEPENDENT:
+        settings.pop(name)
+    for name in ("data_dir", "train_file", "validation_file"):  # where the data lives: its content is hashed below
+        settings["data"].pop(name)
+    if processes > 1:  # the same global batches, but each process has its own dropout generator
+        settings["processes"] = processes
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for split, rows in [("train", train_examples), *sorted(dev_examples.items())]:
+        digest.update(split.encode())
+        for row in rows:
+            digest.update(repr((row.texts, row.label, row.idx)).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class _RunDirectory:
+    staging: Path  # the hidden directory the run writes into; moved into place when the run has finished
+    resume_from: Checkpoint | None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.staging / CHECKPOINTS_DIR
+
+
+def _resumable(staging: Path, fingerprint: str, config: TrainingConfig) -> Checkpoint | None:
+    """The checkpoint to continue from, if the staging directory holds this run's; refuses to discard another
+    unfinished run's checkpoints without --overwrite."""
+    run = None
+    if staging.is_dir() and config.resume is not False:
+        with contextlib.suppress(OSError, ValueError):
+            run = json.loads((staging / RUN_FILE).read_text(encoding="utf-8"))
+    checkpoint = newest_valid_checkpoint(staging / CHECKPOINTS_DIR) if isinstance(run, dict) else None
+    if checkpoint is not None and run.get("fingerprint") != fingerprint:
+        if not config.overwrite:
+            raise ConfigError(f"{staging} holds checkpoints of another unfinished run (different settings or data) "
+                              "for this output directory; re-run that command to resume it, or pass --overwrite "
+                              "to discard it")
+        checkpoint = None
+    if checkpoint is None and config.resume:
+        raise ConfigError(f"--resume: no valid checkpoint of this run in {staging}")
+    return checkpoint
+
+
 @contextlib.contextmanager
-def _output_transaction(config: TrainingConfig):
-    """Yield a fresh staging directory; on success it replaces the output directory, on any failure it
-    is removed. A lock file keeps two runs from writing the same output directory at once."""
+def _output_transaction(config: TrainingConfig, fingerprint: str):
+    """Yield the run's staging directory (fresh, or this run's own with its checkpoints); on success it
+    replaces the output directory. On failure it is kept if it holds a valid checkpoint (re-running the same
+    command resumes from it), else removed. A lock file keeps two runs from writing one output at once."""
     output = Path(config.output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
-        raise ConfigError(f"output directory {output} already holds files; pass --overwrite to replace them")
+        raise ConfigError(f"output directory {output} already holds files (another run); pass --overwrite to "
+                          "replace them")
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = open(output.parent / f".{output.name}.lock", "w")  # noqa: SIM115 (held for the whole run)
     try:
@@ -268,21 +378,29 @@ def _output_transaction(config: TrainingConfig):
         raise ConfigError(f"another readapt run is writing to {output}") from None
     try:
         staging = output.parent / f".{output.name}.partial"
-        if staging.exists():
-            shutil.rmtree(staging)  # left by a run that was killed
-        staging.mkdir()
+        resume_from = _resumable(staging, fingerprint, config)
+        if resume_from is None:
+            if staging.exists():
+                shutil.rmtree(staging)  # left by a run killed before its first checkpoint, or --no-resume
+            staging.mkdir()
+            atomic_write_json(staging / RUN_FILE, {"fingerprint": fingerprint, "config": _config_dict(config)})
         handler = logging.FileHandler(staging / LOG_FILE, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         try:
-            yield staging
+            yield _RunDirectory(staging, resume_from)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if newest_valid_checkpoint(staging / CHECKPOINTS_DIR) is None:
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                logger.info("run stopped; its checkpoints stay in %s for a resume", staging)
             raise
         finally:
             logger.removeHandler(handler)
             handler.close()
+        shutil.rmtree(staging / CHECKPOINTS_DIR, ignore_errors=True)  # the run is complete: nothing to resume
+        (staging / RUN_FILE).unlink(missing_ok=True)
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -291,28 +409,159 @@ def _output_transaction(config: TrainingConfig):
         lock.close()
 
 
-def _loader(features, batch_size, collator, *, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)
+class EpochShuffle(torch.utils.data.Sampler):
+    """A new random order of the training examples every epoch, fixed by (seed, epoch) alone, so that a resumed
+    run sees exactly the order an uninterrupted one saw. (Not `set_epoch`: Accelerate would call that with its
+    own count of iterations, which restarts at 0 in a resumed process.)"""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 1
+
+    def shuffle_for(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def _loader(features, batch_size, collator, *, sampler=None) -> DataLoader:
+    # Its own generator: starting an iterator then never draws from torch's global one (dropout's).
+    return DataLoader(features, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def train(config: TrainingConfig) -> dict[str, Any]:
     """Fine-tune with `config.method` on the task, evaluate on dev every epoch, keep the best adapter.
-    Returns the content of metrics.json."""
+    Returns the content of metrics.json. Re-running an interrupted run continues from its newest checkpoint;
+    re-running a finished one returns its metrics without training again (unless --overwrite)."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     from transformers import get_linear_schedule_with_warmup
 
     config.validate()
+    rank, processes = launched_processes()
+    if processes > 1 and (config.batch_size % processes or config.eval_batch_size % processes):
+        raise ConfigError(f"--batch-size {config.batch_size} and --eval-batch-size {config.eval_batch_size} must be "
+                          f"multiples of the number of processes ({processes}): every batch is split evenly over "
+                          "the processes, so that N processes train on the same batches as one")
+    if config.device_map is not None and processes > 1:
+        raise ConfigError("--device-map spreads one copy of the backbone over this machine's devices; it cannot be "
+                          "combined with several training processes (--num-processes, accelerate launch)")
     method = get_method(config.method)
     task, train_examples, dev_examples = load_task_data(config.data, config.seed)
-    set_seed(config.seed)
-    loaded = load_backbone(config.model, task.num_labels, task.is_regression, dtype=config.backbone_dtype)
-    backbone_parameters = count_parameters(loaded.model)  # before the method adds any
-    model = method.prepare(loaded.model, config.method_options)
-    with _output_transaction(config) as staging:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
-        return _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator,
-                      get_linear_schedule_with_warmup, backbone_parameters)
+    fingerprint = run_fingerprint(config, train_examples, dev_examples, processes)
+    finished = _finished_run(Path(config.output_dir), fingerprint)
+    if finished is not None and not config.overwrite:
+        logger.info("%s already holds this finished run; nothing to do (pass --overwrite to train again)",
+                    config.output_dir)
+        return finished
+    # Only the main process owns the output: the others read the data and checkpoints and write nothing.
+    with _output_transaction(config, fingerprint) if rank == 0 else _worker_directory(config) as run:
+        set_seed(config.seed)
+        loaded = load_backbone(config.model, task.num_labels, task.is_regression, dtype=config.backbone_dtype,
+                               device_map=config.device_map, max_memory=config.max_memory,
+                               offload_folder=config.offload_folder, use_gpus=not config.cpu)
+        backbone_parameters = count_parameters(loaded.model)  # before the method adds any
+        model = method.prepare(loaded.model, config.method_options)
+        placement = _log_placement(loaded.model)
+        # A backbone placed only on CPU RAM / disk runs on the CPU: train there too.
+        on_cpu = placement is not None and set(map(str, loaded.model.hf_device_map.values())) <= {"cpu", "disk"}
+        # Several processes without a GPU: Accelerate's multi-CPU mode (gloo) needs cpu=True.
+        cpu = config.cpu or on_cpu or (processes > 1 and not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu,
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True))
+        metrics = _train(config, method, task, train_examples, dev_examples, loaded, model, run, accelerator,
+                         get_linear_schedule_with_warmup, backbone_parameters)
+        metrics["run_fingerprint"] = fingerprint
+        metrics["backbone_device_map"] = placement  # --device-map: module -> device (None: not placed)
+        if accelerator.is_main_process:
+            with _disk_guard("metrics.json", None, run):
+                atomic_write_json(run.staging / METRICS_FILE, metrics)
+        return metrics
+
+
+def launched_processes() -> tuple[int, int]:
+    """(this process's rank, number of processes) as torchrun / `accelerate launch` set them; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def _worker_directory(config: TrainingConfig):
+    """What a non-main process of a multi-process run sees of the output: the staging path, nothing to write."""
+    output = Path(config.output_dir)
+    yield _RunDirectory(output.parent / f".{output.name}.partial", None)
+
+
+def _log_placement(backbone) -> dict[str, Any] | None:
+    """--device-map: log where the backbone went; returns its device map ({module: device}) or None."""
+    from readapt.offload import describe_device_map, offloaded_parameters
+
+    device_map = getattr(backbone, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return None
+    offloaded = offloaded_parameters(backbone)
+    logger.info("backbone placed by device map: %s entries per device; %d of %d parameter tensors offloaded "
+                "(loaded as their module runs)", describe_device_map(device_map), len(offloaded),
+                sum(1 for _ in backbone.parameters()))
+    return {name: device if isinstance(device, (int, str)) else str(device) for name, device in device_map.items()}
+
+
+def _finished_run(output: Path, fingerprint: str) -> dict[str, Any] | None:
+    """metrics.json of `output` if it records a finished run with this fingerprint."""
+    try:
+        metrics = json.loads((output / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("run_fingerprint") == fingerprint else None
+
+
+class _StopRequest:
+    """The first SIGINT or SIGTERM asks the loop to stop at the next step boundary (it writes a checkpoint
+    first); a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handle(number, frame):
+            if self.signal is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(number).name
+            logger.warning("%s received: stopping after this step with a checkpoint (SIGINT again: stop now)",
+                           self.signal)
+
+        for number in previous:
+            signal.signal(number, handle)
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _disk_guard(what: str, step: int | None, run: _RunDirectory):
+    """An OSError while writing `what` (disk full, quota, I/O error) becomes one clear TrainingError naming the
+    newest checkpoint, which the atomic writes left intact."""
+    try:
+        yield
+    except OSError as exc:
+        newest = list_checkpoints(run.checkpoints)
+        kept = (f"the last good checkpoint (step {newest[-1][0]}) is intact in {run.checkpoints}; free space and "
+                "re-run the same command to resume") if newest else "no checkpoint had been written yet"
+        why = "the disk is full" if is_disk_full(exc) else (exc.strerror or str(exc))
+        at = f" at step {step}" if step is not None else ""
+        raise TrainingError(f"could not write {what}{at}: {why}; {kept}") from None
 
 
 class _CacheJobs:
@@ -353,9 +602,9 @@ class _CacheJobs:
         unwrapped = accelerator.unwrap_model(model)  # what predict() gets
         no_cache = _no_kv_cache(unwrapped)
         for plan, features, collator, candidates, training in self.jobs:
-            if training:
+            if training:  # the unwrapped model: a data-parallel wrapper would synchronise with idle processes
                 def run(batch):
-                    return model(**batch, **no_cache)
+                    return unwrapped(**batch, **no_cache)
             elif candidates is None:
                 def run(batch):
                     return unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache)
@@ -375,15 +624,43 @@ class _CacheJobs:
         }
 
 
-def _train(config, method, task, train_examples, dev_examples, loaded, model, staging, accelerator, make_scheduler,
-           backbone_parameters):
+@dataclass
+class _Progress:
+    """The training loop's own state: what a checkpoint stores besides weights, optimizer, scheduler and RNG."""
+
+    epoch: int = 1  # the epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps so far
+    loss_sum: float = 0.0  # over the batches of the epoch in progress
+    epoch_seconds: float = 0.0  # training time of the epoch in progress so far (wall, CPU)
+    epoch_cpu_seconds: float = 0.0
+    train_seconds: float = 0.0  # of finished epochs
+    train_cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0  # spent by earlier processes of a resumed run
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    resumed_at_steps: list[int] = field(default_factory=list)
+
+
+def _debug_step_delay() -> float:
+    """READADAPT_DEBUG_STEP_DELAY seconds of sleep after each step: lets the kill/resume test stop a real run
+    at an arbitrary point of a tiny model's training (which otherwise ends in a blink)."""
+    try:
+        return max(0.0, float(os.environ.get("READAPT_DEBUG_STEP_DELAY", "0")))
+    except ValueError:
+        return 0.0
+
+
+def _train(config, method, task, train_examples, dev_examples, loaded, model, run: _RunDirectory, accelerator,
+           make_scheduler, backbone_parameters):
     collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
     train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text)
     feature_cache = _CacheJobs(config, model, loaded) if config.cache_features else None
     train_collator = collator
     if feature_cache is not None:
         train_features, train_collator = feature_cache.attach("train", train_features, collator, None, training=True)
-    train_loader = _loader(train_features, config.batch_size, train_collator, shuffle=True, seed=config.seed)
+    order = EpochShuffle(len(train_features), config.seed)
+    train_loader = _loader(train_features, config.batch_size, train_collator, sampler=order)
     evaluate = DevEvaluator.build(task, dev_examples, loaded, config.max_length, config.eval_batch_size, accelerator,
                                   feature_cache)
     if feature_cache is not None:
@@ -397,53 +674,156 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
     scheduler = make_scheduler(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    steps_per_epoch = len(train_loader)
+    is_main, rank, processes = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if processes > 1:  # the others continue from the checkpoint the main process chose (or from none)
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([str(run.resume_from.path) if run.resume_from is not None else None])[0]
+        if not is_main and chosen is not None:
+            run.resume_from = load_checkpoint(Path(chosen))
+        logger.info("%d processes (%s): each takes 1/%d of every batch of %d", processes,
+                    accelerator.distributed_type, processes, config.batch_size)
     logger.info("task %s: %d train examples, dev %s; model %s; method %s; %d trainable parameters (%.3f%% of the "
                 "backbone's %d)", task.name, len(train_examples), {s: len(r) for s, r in dev_examples.items()},
                 loaded.source, config.method, parameters.trainable, parameters.percent, parameters.backbone)
 
+    progress = _Progress()
+    if run.resume_from is not None:
+        restore_training_state(run.resume_from, unwrapped, optimizer, scheduler)
+        progress = _Progress(**run.resume_from.state["progress"])
+        progress.resumed_at_steps.append(progress.step)
+        logger.info("resuming from %s: epoch %d, %d of %d batches done, step %d", run.resume_from.path.name,
+                    progress.epoch, progress.batches_done, steps_per_epoch, progress.step)
+
+    def write_checkpoint(epoch_clock: Stopwatch, epoch_cpu: float) -> None:
+        if not config.checkpoints:
+            return
+        rng_states = [current_rng_state()]
+        if processes > 1:  # every process's generators (dropout differs per process); the main one writes
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
+        if not is_main:
+            return
+        state = asdict(progress)
+        if progress.batches_done:  # mid-epoch: the epoch's time so far
+            state["epoch_seconds"] += epoch_clock.seconds()
+            state["epoch_cpu_seconds"] += time.process_time() - epoch_cpu
+        state["wall_seconds"] += clock.seconds()
+        with _disk_guard("a checkpoint", progress.step, run):
+            path = save_checkpoint(run.checkpoints, progress.step, unwrapped, optimizer, scheduler, state,
+                                   config.keep_checkpoints, rng_states)
+        logger.info("checkpoint %s written (epoch %d, batch %d of %d)", path.name, progress.epoch,
+                    progress.batches_done, steps_per_epoch)
+
+    def stop_now() -> None:
+        if not config.checkpoints:
+            raise TrainingInterrupted(f"stopped by {stop.signal} at step {progress.step}; no checkpoint "
+                                      "(checkpoints are off), so a re-run starts over")
+        raise TrainingInterrupted(f"stopped by {stop.signal} at step {progress.step} with a checkpoint in "
+                                  f"{run.checkpoints}; re-run the same command to resume")
+
     meter = PeakMemoryMeter(accelerator.device)
     meter.start()
     clock = Stopwatch()
-    epochs, best, step, train_seconds, train_cpu_seconds = [], None, 0, 0.0, 0.0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        epoch_clock, epoch_cpu = Stopwatch(), time.process_time()
-        if epoch == 1 and feature_cache is not None:  # building the cache counts as epoch 1's time
-            feature_cache.build(model, accelerator, config.eval_batch_size, config.progress)
+    delay = _debug_step_delay()
+    every_seconds = 60 * config.checkpoint_minutes
+    last_checkpoint_time = time.monotonic()
+    restore_rng_first = run.resume_from
+    stop = _StopRequest()
+    with stop.installed():
+        for epoch in range(progress.epoch, config.epochs + 1):
             model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
-        for batch in bar:
-            with _replaying(unwrapped, batch):
-                loss = model(**batch, **no_cache).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
-                                    "lower --lr or check the data")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running += loss.item()
-            seen += 1
-            bar.set_postfix(loss=f"{running / seen:.4f}")
-        epoch_seconds = epoch_clock.seconds()
-        train_seconds += epoch_seconds
-        train_cpu_seconds += time.process_time() - epoch_cpu
-        results = evaluate(accelerator.unwrap_model(model), config.progress)
-        score = main_score(task, results)
-        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "dev": results, "score": score,
-                  "elapsed_seconds": clock.seconds(), "train_seconds_so_far": train_seconds,
-                  "epoch_train_seconds": epoch_seconds}
-        epochs.append(record)
-        logger.info("epoch %d: train loss %.4f, dev %s", epoch, record["train_loss"], json.dumps(results))
-        if best is None or score > best["score"]:
-            best = record
-            method.save(accelerator.unwrap_model(model), staging / ADAPTER_DIR)
-            logger.info("epoch %d is the best so far (%s %.4f); adapter saved", epoch, task.main_metric, score)
+            epoch_clock, epoch_cpu = Stopwatch(), time.process_time()
+            if feature_cache is not None and (epoch == 1 or restore_rng_first is not None):
+                # built (epoch 1; counted in its time) or reopened (a resumed run); several processes: the main
+                # one builds, then the others open what it wrote
+                with accelerator.main_process_first():
+                    feature_cache.build(model, accelerator, config.eval_batch_size, config.progress and is_main)
+                model.train()
+            order.shuffle_for(epoch)
+            skip = progress.batches_done
+            batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+            if restore_rng_first is not None:
+                # The RNG states go back only once the first batch is out: making the data iterator may draw from
+                # them (Accelerate's loaders start the underlying iterator lazily), and nothing must draw after.
+                batches = itertools.chain([next(batches)], batches)
+                restore_rng(restore_rng_first, rank)
+                restore_rng_first = None
+            bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", total=steps_per_epoch, initial=skip,
+                       disable=not (config.progress and is_main))
+            for batch in bar:
+                with _replaying(unwrapped, batch):
+                    loss = model(**batch, **no_cache).loss
+                # What every process must agree on before the next collective: the loss (mean over processes),
+                # a stop signal, a checkpoint falling due by the clock.
+                time_due = every_seconds > 0 and time.monotonic() - last_checkpoint_time >= every_seconds
+                shared = torch.stack([loss.detach().float(), loss.new_tensor(float(stop.signal is not None)),
+                                      loss.new_tensor(float(time_due))])
+                if processes > 1:
+                    shared = accelerator.reduce(shared, reduction="sum")
+                    shared[0] /= processes
+                step_loss, stop_requested, time_due = shared[0].item(), shared[1].item() > 0, shared[2].item() > 0
+                if stop_requested and stop.signal is None:
+                    stop.signal = "a signal to another process"
+                if not math.isfinite(step_loss):
+                    newest = list_checkpoints(run.checkpoints)
+                    kept = (f"the last good checkpoint (step {newest[-1][0]}) is kept in {run.checkpoints}"
+                            if newest else "no checkpoint had been written yet")
+                    raise TrainingError(f"the loss became {step_loss} at step {progress.step + 1} (epoch {epoch}); "
+                                        f"training stopped and {kept}; lower --lr or check the data")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batches_done += 1
+                progress.loss_sum += step_loss
+                bar.set_postfix(loss=f"{progress.loss_sum / progress.batches_done:.4f}")
+                if delay:
+                    time.sleep(delay)
+                due = ((config.checkpoint_every is not None and progress.step % config.checkpoint_every == 0)
+                       or time_due or stop_requested)
+                if due and progress.batches_done < steps_per_epoch:  # the epoch's end writes its own
+                    write_checkpoint(epoch_clock, epoch_cpu)
+                    last_checkpoint_time = time.monotonic()
+                    if stop.signal is not None:
+                        stop_now()
+            bar.close()
+
+            epoch_seconds = progress.epoch_seconds + epoch_clock.seconds()
+            progress.train_seconds += epoch_seconds
+            progress.train_cpu_seconds += progress.epoch_cpu_seconds + time.process_time() - epoch_cpu
+            results = evaluate(unwrapped, config.progress)
+            score = main_score(task, results)
+            record = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.batches_done, 1), "dev": results,
+                      "score": score, "elapsed_seconds": progress.wall_seconds + clock.seconds(),
+                      "train_seconds_so_far": progress.train_seconds, "epoch_train_seconds": epoch_seconds}
+            progress.epochs.append(record)
+            logger.info("epoch %d: train loss %.4f, dev %s", epoch, record["train_loss"], json.dumps(results))
+            if progress.best is None or score > progress.best["score"]:
+                progress.best = record
+                if is_main:
+                    with _disk_guard("the adapter", progress.step, run):
+                        method.save(unwrapped, run.staging / ADAPTER_DIR)
+                    from readapt.task_spec import write_task_file  # task.json: what `readapt predict` needs
+                    write_task_file(run.staging / ADAPTER_DIR, task, config, loaded.text_to_text)
+                logger.info("epoch %d is the best so far (%s %.4f); adapter saved", epoch, task.main_metric, score)
+            progress.epoch, progress.batches_done, progress.loss_sum = epoch + 1, 0, 0.0
+            progress.epoch_seconds = progress.epoch_cpu_seconds = 0.0
+            write_checkpoint(epoch_clock, epoch_cpu)
+            last_checkpoint_time = time.monotonic()
+            stopping = stop.signal is not None
+            if processes > 1:  # a signal may have reached one process during the evaluation: agree first
+                stopping = accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device), "sum").item() > 0
+            if stopping and epoch < config.epochs:
+                stop.signal = stop.signal or "a signal to another process"
+                stop_now()
 
     peak = meter.peak_bytes()
+    best = progress.best
     metrics = {
         "task": task.name, "method": config.method, "model": loaded.source,
         "protocol": "trained on the task's train split (a seeded random subset if max_train_samples); "
@@ -452,14 +832,16 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
                     "trained on --train-file, evaluated on --validation-file after every epoch; best epoch kept",
         "main_metric": task.main_metric,
         "best_epoch": best["epoch"], "best_dev": best["dev"], "best_score": best["score"],
-        "epochs": epochs,
-        "train_seconds": train_seconds,  # training steps only
+        "epochs": progress.epochs,
+        "train_seconds": progress.train_seconds,  # training steps only
         # CPU time of this process over the training steps (all threads): unlike wall time, it does not grow
         # when other processes share the cores, so it compares methods fairly on a busy machine
-        "train_cpu_seconds": train_cpu_seconds,
-        "wall_seconds": clock.seconds(),  # training and per-epoch evaluation
+        "train_cpu_seconds": progress.train_cpu_seconds,
+        "wall_seconds": progress.wall_seconds + clock.seconds(),  # training and per-epoch evaluation
         "peak_memory_bytes": peak, "peak_memory_meter": meter.name,
         "memory_at_training_start_bytes": meter.baseline_bytes,
+        # a resumed run: the steps it continued from (its peak memory is this last process's)
+        "resumed_at_steps": progress.resumed_at_steps,
         # every method counted the same way: tensors with requires_grad (head included) / backbone parameters
         "trainable_parameters": parameters.trainable, "backbone_parameters": parameters.backbone,
         "trainable_percent": parameters.percent,
@@ -470,7 +852,6 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, st
         # --cache-features: where the entries are, their size on disk, whether this run reused them, build time
         "feature_cache": feature_cache.summary() if feature_cache is not None else None,
     }
-    atomic_write_json(staging / METRICS_FILE, metrics)
     logger.info("done: best epoch %d, %s %.4f, %.1f s, peak memory %.1f MiB (%s)", best["epoch"], task.main_metric,
                 best["score"], metrics["train_seconds"], peak / 2**20, meter.name)
     return metrics

@@ -44,6 +44,9 @@ def run_training(spec: dict) -> dict[str, Any]:
         output_dir=spec["run_dir"], overwrite=True, epochs=spec["epochs"], batch_size=spec["batch_size"],
         lr=spec.get("lr"), max_length=spec["max_length"], seed=spec["seed"], cpu=spec.get("cpu", False),
         progress=False,
+        # A cell is re-run whole if it fails; writing checkpoints would only add time and (full fine-tuning:
+        # a transient copy of weights + optimizer state) memory to what the cell measures.
+        checkpoints=False,
     )
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
     energy = EnergyMeter(device)
@@ -102,7 +105,7 @@ def measure_inference(spec: dict) -> dict[str, Any]:
         needed = batch_size * (INFERENCE_REPEATS[batch_size] + 1)
         subset = (rows * (needed // len(rows) + 1))[:needed]
         features = encode(task, subset, loaded.tokenizer, spec["max_length"], loaded.text_to_text)
-        loader = accelerator.prepare(_loader(features, batch_size, collator, shuffle=False, seed=0))
+        loader = accelerator.prepare(_loader(features, batch_size, collator))
         times = []
         for index, batch in enumerate(loader):
             single = _single_batch_loader(batch)

@@ -56,3 +56,14 @@ def _decode(raw_line: bytes, path: Path, line_number: int) -> str:
             f"{path}, line {line_number}: byte 0x{bad_byte:02x} at byte {error.start + 1} of the line "
             f"is not valid UTF-8; expected a UTF-8 text file"
         ) from None
+
+
+def delimiter_hint(path: Path, columns: tuple[str, ...]) -> str:
+    """A header read as one column that holds another delimiter: say which delimiter the file needs."""
+    if len(columns) != 1:
+        return ""
+    for mark, name in ((";", "';'"), ("\t", "tabs"), (",", "commas"), ("|", "'|'")):
+        if mark in columns[0]:
+            wanted = "tabs" if ".tsv" in path.name else "commas"
+            return f" (the header looks delimited by {name}; a {path.name} file here must use {wanted})"
+    return ""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from readapt.errors import DataError
-from readapt.tasks._io import quote_value, read_lines, read_raw_lines
+from readapt.tasks._io import delimiter_hint, quote_value, read_lines, read_raw_lines
 from readapt.tasks.base import Example, Task
 
 TaskType = Literal["auto", "classification", "regression"]
@@ -116,7 +116,7 @@ def _file_format(path: Path) -> str:
 def _read_rows(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[_Row]:
     file_format = _file_format(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
     if file_format == ".jsonl":
         rows = list(_read_jsonl(path, text_columns, label_column))
     else:
@@ -170,7 +170,8 @@ def _csv_records(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
 def _column_position(path: Path, columns: tuple[str, ...], name: str) -> int:
     if name not in columns:
         found = ", ".join(repr(column) for column in columns)
-        raise DataError(f"{path}, line 1 (header): no column {name!r}; the columns are {found}")
+        raise DataError(f"{path}, line 1 (header): no column {name!r}; the columns are {found}"
+                        + delimiter_hint(path, columns))
     return columns.index(name)
 
 

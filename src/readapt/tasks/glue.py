@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from readapt.errors import DataError
-from readapt.tasks._io import quote_value, read_lines
+from readapt.tasks._io import delimiter_hint, quote_value, read_lines
 from readapt.tasks.base import STSB_MAX_SCORE, STSB_MIN_SCORE, Example, Task
 
 GLUE_DIR_ENV = "GLUE_DIR"
@@ -288,7 +288,8 @@ def _read_glue_tsv(path: Path, task: Task, layout: _TsvLayout, max_samples: int 
 def _column_position(path: Path, columns: tuple[str, ...], name: str) -> int:
     if name not in columns:
         found = ", ".join(repr(column) for column in columns)
-        raise DataError(f"{path}, line 1 (header): no column {name!r}; the header has {found}")
+        raise DataError(f"{path}, line 1 (header): no column {name!r}; the header has {found}"
+                        + delimiter_hint(path, columns))
     return columns.index(name)
 
 

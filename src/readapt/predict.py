@@ -1,0 +1,387 @@
+"""`readapt predict`: predictions of many READ adapters on one frozen backbone, one backbone pass per batch.
+
+Every READ adapter reads the same frozen hidden states, so the backbone's stacks run once per batch and each
+adapter's side networks and head replay them (`ReadModel.run_adapters`); each adapter's predictions are
+exactly what it gives alone. What each adapter needs comes from its directory: the weights and READ config
+(`adapter_config.json`, `adapter_model.safetensors`) and its task (`task.json`, written by `readapt train`:
+label names or regression, input columns, max length, text-to-text prompt and answers).
+
+Sharing needs the same token ids: adapters whose tasks build the same input from a row (same text columns, same
+max length; text-to-text: also the same prompt and candidate answers) form one group, and each group costs one
+backbone pass per batch. Adapters of GLUE tasks with the same columns (SST-2 and CoLA: `sentence`; MRPC, RTE,
+STS-B, WNLI: `sentence1, sentence2`) share; a QNLI adapter (`question, sentence`) needs its own pass.
+Text-to-text adapters of different tasks never share (the task name is part of the T5 prompt).
+
+Heads that read one position: a BERT-style classifier reads [CLS] only, and the side network works per token,
+so where every adapter's head reads only the first token (checked when the adapters are loaded: noise written
+into every other position of the stack's output must leave the logits bit for bit unchanged) the side
+networks run on [CLS] alone (`ReadModel.correcting_positions`). The logits are those of the full correction to
+float rounding, and an adapter then costs a few percent of a backbone pass instead of a fifth to a third
+(all-MiniLM-L6-v2, r = 256; benchmarks/predict.py). Decoder-only heads (last real token) and text-to-text models get the full correction.
+
+Only READ adapters are served: the other methods change what the backbone computes (LoRA, adapters, BitFit,
+prompts change its weights or inputs; LST reads other states), so they cannot share its pass; they are refused
+with that reason (score them one at a time with `readapt eval`).
+
+Input: CSV (header line, standard quoting), TSV (header line, tab-separated, no quoting) or JSONL (one object
+per line), optionally gzip-compressed; the columns every adapter's task reads must be there. Output (by
+extension): CSV or JSONL, or JSONL on stdout; every input column, then one column per adapter holding its
+prediction: the label name (classification) or the number (regression).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from readapt.data import Candidates, Collator, candidates_for, encode
+from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
+from readapt.io import atomic_write_text
+from readapt.model import ReadModel, read_adapter_metadata
+from readapt.task_spec import TaskSpec, read_task_file
+from readapt.tasks import Example
+from readapt.tasks._io import quote_value, read_lines, read_raw_lines
+
+INPUT_FORMATS = (".csv", ".tsv", ".jsonl")
+OUTPUT_FORMATS = (".csv", ".jsonl")
+ADAPTER_DIR = "adapter"  # what `readapt train` calls the adapter inside its output directory
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+@dataclass
+class AdapterEntry:
+    name: str  # its prediction column
+    directory: Path
+    spec: TaskSpec
+
+
+@dataclass
+class AdapterGroup:
+    """Adapters that get the same token ids from a row: one backbone pass per batch serves them all."""
+
+    spec: TaskSpec  # the first adapter's (they share the input)
+    names: list[str] = field(default_factory=list)
+    candidates: Candidates | None = None  # text-to-text: the answers ranked for every adapter of the group
+
+
+def default_name(directory: str | Path) -> str:
+    """The folder's name, or its parent's for `readapt train`'s `<run>/adapter` (e.g. runs/sst2-read/adapter: sst2-read)."""
+    path = Path(directory).resolve()
+    return path.parent.name if path.name == ADAPTER_DIR and path.parent.name else path.name
+
+
+def adapter_entries(directories: Sequence[str | Path], names: Sequence[str] | None = None) -> list[AdapterEntry]:
+    """Name and check every adapter before anything is loaded: READ only, with a task file, distinct names."""
+    if not directories:
+        raise ConfigError("name at least one adapter with --adapter DIR")
+    if names and len(names) != len(directories):
+        raise ConfigError(f"--name was given {len(names)} time(s) for {len(directories)} --adapter(s); give one "
+                          "name per adapter, in the same order, or none")
+    entries = []
+    for position, directory in enumerate(directories):
+        directory = Path(directory)
+        metadata = read_adapter_metadata(directory)
+        if metadata["method"] != "read":
+            raise IncompatibleAdapterError(
+                f"adapter {directory} was made by method {metadata['method']!r}: readapt predict serves READ adapters "
+                f"only, which leave the backbone untouched and so can share its pass; a {metadata['method']} adapter "
+                "changes what the backbone computes (score it alone with `readapt eval`)")
+        name = names[position] if names else default_name(directory)
+        entries.append(AdapterEntry(name, directory, read_task_file(directory)))
+    seen: dict[str, Path] = {}
+    for entry in entries:
+        if entry.name in seen:
+            raise ConfigError(f"adapters {seen[entry.name]} and {entry.directory} would both be named {entry.name!r}; "
+                              "give each its prediction column with --name")
+        seen[entry.name] = entry.directory
+    return entries
+
+
+def _device(cpu: bool) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+PROBE = ["a probe", "a longer probe sentence, with a few more tokens in it"]
+
+
+class Predictor:
+    """Loads the backbone once and every adapter onto it; `predict(rows)` gives each adapter's predictions.
+
+    `head_only` (default): where every adapter's head reads the first token only (BERT-style classifiers read
+    [CLS]; checked at load by `ReadModel.head_reads_only` on a probe input, per adapter), the side networks run
+    on that position only (`ReadModel.correcting_positions`); elsewhere (decoder-only heads, text-to-text)
+    they correct every token as in training."""
+
+    def __init__(self, adapters: Sequence[str | Path], model: str | None = None, names: Sequence[str] | None = None,
+                 cpu: bool = False, head_only: bool = True):
+        from readapt.pretrained import load_backbone
+
+        self.entries = adapter_entries(adapters, names)
+        first = self.entries[0]
+        loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression)
+        for entry in self.entries:
+            if entry.spec.text_to_text != loaded.text_to_text:
+                kind = "text-to-text (encoder-decoder)" if entry.spec.text_to_text else "a classification head"
+                raise IncompatibleAdapterError(f"adapter {entry.directory} was trained {kind}, but {loaded.source} is "
+                                               f"{'an encoder-decoder' if loaded.text_to_text else 'not an encoder-decoder'} model")
+        self.source = loaded.source
+        self.tokenizer = loaded.tokenizer
+        self.text_to_text = loaded.text_to_text
+        self.model = ReadModel.from_pretrained(loaded.model, first.directory, adapter_name=first.name)
+        for entry in self.entries[1:]:
+            self.model.load_adapter(entry.directory, entry.name)
+        self.device = _device(cpu)
+        self.model.to(self.device).eval()
+        self.model.set_adapter(first.name)
+
+        groups: dict[tuple, AdapterGroup] = {}
+        for entry in self.entries:
+            key = entry.spec.input_key()
+            if key not in groups:
+                candidates = candidates_for(entry.spec.task, self.tokenizer) if self.text_to_text else None
+                groups[key] = AdapterGroup(entry.spec, candidates=candidates)
+            groups[key].names.append(entry.name)
+        self.groups = list(groups.values())
+        self.specs = {entry.name: entry.spec for entry in self.entries}
+        from readapt.training import _candidate_scores, _no_kv_cache  # the scoring `readapt eval` uses
+
+        self._no_cache = _no_kv_cache(self.model)
+        self._score_candidates = _candidate_scores
+        self.positions = slice(0, 1) if head_only and self._heads_read_first_token() else None
+
+    def _heads_read_first_token(self) -> bool:
+        if self.text_to_text or len(self.model.adapted_stacks) != 1:
+            return False
+        if any(config.sequence_context != "none" for config in self.model.adapter_configs.values()):
+            return False  # [CLS]'s correction then depends on every token
+        probe = self.tokenizer(PROBE, padding=True, return_tensors="pt")
+        inputs = {key: probe[key].to(self.device) for key in ("input_ids", "attention_mask")}
+        for name in self.names:
+            with self.model.using_adapter(name):
+                if not self.model.head_reads_only(slice(0, 1), **inputs, **self._no_cache):
+                    return False
+        return True
+
+    @property
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.entries]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """Every column some adapter reads, in order of first use."""
+        columns: list[str] = []
+        for entry in self.entries:
+            columns.extend(c for c in entry.spec.input_columns if c not in columns)
+        return columns
+
+    def needs(self, column: str) -> str:
+        """Which adapters read a column (for error messages)."""
+        users = [f"{e.name!r} ({e.spec.task.name}: {', '.join(e.spec.input_columns)})"
+                 for e in self.entries if column in e.spec.input_columns]
+        return ", ".join(users)
+
+    @torch.no_grad()
+    def predict_batch(self, rows: Sequence[dict[str, str]], shared: bool = True) -> dict[str, list]:
+        """{adapter name: predictions} for a batch of rows (each a {column: text} dict). `shared=False` runs
+        every adapter on its own backbone pass (for comparison: the predictions are the same)."""
+        predictions: dict[str, list] = {}
+        for group in self.groups:
+            batch = self._batch(group.spec, rows)
+            if group.candidates is None:
+                def run(batch=batch):
+                    return self.model(**batch, **self._no_cache).logits
+            else:
+                def run(batch=batch, candidates=group.candidates):
+                    return self._score_candidates(self.model, batch, candidates)
+            with self.model.correcting_positions(self.positions) if self.positions else contextlib.nullcontext():
+                if shared:
+                    outputs = self.model.run_adapters(run, group.names)
+                else:
+                    outputs = {name: self.model.run_adapters(run, [name])[name] for name in group.names}
+            for name in group.names:
+                predictions[name] = self._labels(self.specs[name], outputs[name], group.candidates)
+        return predictions
+
+    def predict(self, rows: Sequence[dict[str, str]], batch_size: int = 64, progress: bool = False,
+                shared: bool = True) -> dict[str, list]:
+        predictions: dict[str, list] = {name: [] for name in self.names}
+        starts = range(0, len(rows), batch_size)
+        for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
+            for name, values in self.predict_batch(rows[start: start + batch_size], shared).items():
+                predictions[name].extend(values)
+        return predictions
+
+    def _batch(self, spec: TaskSpec, rows: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+        # Placeholder labels: encode builds the same token ids as in training and evaluation.
+        label = 0.0 if spec.task.is_regression else 0
+        examples = [Example(tuple(row[c] for c in spec.input_columns), label, i) for i, row in enumerate(rows)]
+        features = encode(spec.task, examples, self.tokenizer, spec.max_length, spec.text_to_text)
+        batch = Collator(self.tokenizer.pad_token_id, spec.text_to_text, spec.task.is_regression)(features)
+        return {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask")}
+
+    @staticmethod
+    def _labels(spec: TaskSpec, output: torch.Tensor, candidates: Candidates | None) -> list:
+        if candidates is not None:
+            return [spec.label_value(candidates.values[i]) for i in output.argmax(-1).tolist()]
+        if spec.task.is_regression:
+            return [float(v) for v in output.squeeze(-1).float().tolist()]
+        return [spec.label_value(i) for i in output.argmax(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _file_format(path: Path, allowed: tuple[str, ...], what: str) -> str:
+    name = path.name.lower().removesuffix(".gz") if what == "input" else path.name.lower()
+    suffix = Path(name).suffix
+    if suffix not in allowed:
+        gz = " (optionally .gz)" if what == "input" else ""
+        raise ConfigError(f"{what} file {path}: unsupported type {suffix or '(none)'!r}; expected "
+                          f"{', '.join(allowed)}{gz}")
+    return suffix
+
+
+def read_rows(path: str | Path, needed: Sequence[str], needed_by=None) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, rows) of an input file; a column some adapter needs and the file lacks is a one-line DataError.
+    `needed_by(column)` says which adapters read it."""
+    path = Path(path).expanduser()
+    file_format = _file_format(path, INPUT_FORMATS, "input")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+
+    def missing(column: str, columns: Sequence[str], where: str) -> DataError:
+        who = f", needed by adapter {needed_by(column)}" if needed_by else ""
+        found = ", ".join(repr(c) for c in columns) or "none"
+        return DataError(f"{where}: no column {column!r}{who}; the columns are {found}")
+
+    if file_format == ".jsonl":
+        columns: list[str] = []
+        rows = []
+        for number, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}, character {error.colno}: invalid JSON ({error.msg}); "
+                                "expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            for column in needed:
+                if column not in record:
+                    raise missing(column, list(record), f"{path}, line {number}")
+                if not isinstance(record[column], str):
+                    raise DataError(f"{path}, line {number}, field {column!r}: expected a string, got "
+                                    f"{quote_value(json.dumps(record[column]))}")
+            columns.extend(key for key in record if key not in columns)
+            rows.append(record)
+    else:
+        if file_format == ".csv":
+            reader = csv.reader((line for _, line in read_raw_lines(path)), strict=True)
+            records = _csv_records(reader, path)
+        else:
+            records = ((number, line.split("\t")) for number, line in read_lines(path) if line.strip())
+        header = next(records, None)
+        if header is None:
+            raise DataError(f"{path}: the file is empty; expected a header line naming the columns")
+        columns = [name.strip() for name in header[1]]
+        for column in needed:
+            if column not in columns:
+                raise missing(column, columns, f"{path}, line {header[0]} (header)")
+        rows = []
+        for number, cells in records:
+            if len(cells) != len(columns):
+                raise DataError(f"{path}, line {number}: expected {len(columns)} columns (as in the header), "
+                                f"found {len(cells)}")
+            rows.append(dict(zip(columns, cells, strict=True)))
+    if not rows:
+        raise DataError(f"{path}: no data rows; expected at least one row to predict")
+    return columns, rows
+
+
+def _csv_records(reader, path: Path):
+    lines_read = 0
+    try:
+        for cells in reader:
+            first_line, lines_read = lines_read + 1, reader.line_num
+            if any(cell.strip() for cell in cells):
+                yield first_line, cells
+    except csv.Error as error:
+        raise DataError(f"{path}, line {lines_read + 1}: malformed CSV ({error})") from None
+
+
+def check_output_path(output: str | Path | None) -> None:
+    if output is not None:
+        _file_format(Path(output), OUTPUT_FORMATS, "output")
+
+
+def render(columns: Sequence[str], rows: Sequence[dict[str, Any]], predictions: dict[str, list],
+           file_format: str) -> str:
+    """The output text: every input column, then one prediction column per adapter."""
+    names = list(predictions)
+    if file_format == ".csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([*columns, *names])
+        for index, row in enumerate(rows):
+            cells = [_cell(row.get(c, "")) for c in columns]
+            writer.writerow([*cells, *(predictions[name][index] for name in names)])
+        return buffer.getvalue()
+    lines = []
+    for index, row in enumerate(rows):
+        record = {**row, **{name: predictions[name][index] for name in names}}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def run_predict(adapters: Sequence[str | Path], input_file: str | Path, output: str | Path | None = None,
+                model: str | None = None, names: Sequence[str] | None = None, batch_size: int = 64,
+                cpu: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`readapt predict`: read the input, predict with every adapter, write the output (atomically) or stdout.
+    Returns a summary (rows, adapters, groups = backbone passes per batch, batches, seconds)."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size} is out of range; it must be >= 1")
+    check_output_path(output)
+    entries = adapter_entries(adapters, names)  # cheap checks before the input or the model is read
+    needed = []
+    for entry in entries:
+        needed.extend(c for c in entry.spec.input_columns if c not in needed)
+
+    def needed_by(column: str) -> str:
+        return ", ".join(repr(e.name) for e in entries if column in e.spec.input_columns)
+
+    columns, rows = read_rows(input_file, needed, needed_by)
+    clashes = [entry.name for entry in entries if entry.name in columns]
+    if clashes:
+        raise ConfigError(f"prediction column(s) {', '.join(repr(c) for c in clashes)} would overwrite input "
+                          "column(s) of the same name; name the adapters with --name")
+    started = time.perf_counter()
+    predictor = Predictor(adapters, model=model, names=names, cpu=cpu)
+    loaded = time.perf_counter()
+    predictions = predictor.predict(rows, batch_size=batch_size, progress=progress)
+    finished = time.perf_counter()
+    text = render(columns, rows, predictions, _file_format(Path(output), OUTPUT_FORMATS, "output")
+                  if output is not None else ".jsonl")
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(output, text)
+    return {"rows": len(rows), "adapters": predictor.names, "model": predictor.source,
+            "groups": [group.names for group in predictor.groups],
+            "batches": -(-len(rows) // batch_size), "load_seconds": loaded - started,
+            "predict_seconds": finished - loaded, "device": str(predictor.device), "output": str(output) if output else None}
