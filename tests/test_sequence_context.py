@@ -130,3 +130,11 @@ def test_what_it_cannot_do_is_refused():
     model = get_read_model(tiny_backbone("bert"), CONTEXT)
     with pytest.raises(ConfigError, match="use sequence context"), model.correcting_positions(slice(0, 1)):
         pass
+
+
+def test_command_line_flag_reaches_the_config():
+    from readapt.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--task", "sst2", "--read-sequence-context", "mean"])
+    assert _train_config(args).method_options == {"sequence_context": "mean"}
+    assert build_parser().parse_args(["train", "--task", "sst2"]).read_sequence_context is None

@@ -12,7 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from readapt.config import AGGREGATIONS, BACKBONE_DTYPES, CACHE_DTYPES, H0_MODES, RNN_TYPES, ReadConfig
+from readapt.config import (
+    AGGREGATIONS,
+    BACKBONE_DTYPES,
+    CACHE_DTYPES,
+    H0_MODES,
+    RNN_TYPES,
+    SEQUENCE_CONTEXTS,
+    ReadConfig,
+)
 from readapt.errors import ReadaptError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
@@ -139,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--read-scaling", type=float)
     read.add_argument("--read-h0", choices=H0_MODES)
     read.add_argument("--read-dropout", type=float)
+    read.add_argument("--read-sequence-context", choices=SEQUENCE_CONTEXTS,
+                      help="mean: every token's correction also sees the mean over its sequence (encoder stacks; "
+                           "recommended for classification with encoders, see docs/results/read-sequence-context-cpu)")
     read.add_argument("--no-read-input-projection", dest="read_input_projection", action="store_false", default=None,
                       help="feed d-wide states to the RNN")
     read.add_argument("--couple-encoder", action="store_true", default=None, help="encoder-decoder ablation (see docs)")
@@ -237,7 +248,7 @@ def _train_config(args):
         "hidden_size": args.read_hidden_size, "rnn_type": args.rnn_type, "num_rnn_layers": args.read_num_layers,
         "aggregation": args.read_aggregation, "scaling": args.read_scaling, "h0": args.read_h0,
         "dropout": args.read_dropout, "input_projection": args.read_input_projection,
-        "couple_encoder": args.couple_encoder,
+        "couple_encoder": args.couple_encoder, "sequence_context": args.read_sequence_context,
     }
     read_options = {key: value for key, value in given.items() if value is not None}
     if read_options and args.method != "read":
