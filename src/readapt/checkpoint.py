@@ -150,10 +150,13 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, pro
         state = {"format": FORMAT_VERSION, "step": step, "progress": progress, "files": files,
                  "optimizer": optimizer_small, "scheduler": scheduler.state_dict(), "rng": rng_small}
         atomic_write_json(temporary / STATE_FILE, state)  # last: marks the checkpoint complete
-        if final.exists():  # the same step written again (a resumed run passing the same point)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # the same step written again: set the old one aside until the new one is in place
+            replaced = final.rename(directory / f".checkpoint-{step:08d}.old")
         temporary.rename(final)
         _fsync_dir(directory)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
