@@ -806,10 +806,11 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
             if progress.best is None or score > progress.best["score"]:
                 progress.best = record
                 if is_main:
+                    from readapt.task_spec import write_task_file  # task.json: what `readapt predict` needs
+
                     with _disk_guard("the adapter", progress.step, run):
                         method.save(unwrapped, run.staging / ADAPTER_DIR)
-                    from readapt.task_spec import write_task_file  # task.json: what `readapt predict` needs
-                    write_task_file(run.staging / ADAPTER_DIR, task, config, loaded.text_to_text)
+                        write_task_file(run.staging / ADAPTER_DIR, task, config, loaded.text_to_text)
                 logger.info("epoch %d is the best so far (%s %.4f); adapter saved", epoch, task.main_metric, score)
             progress.epoch, progress.batches_done, progress.loss_sum = epoch + 1, 0, 0.0
             progress.epoch_seconds = progress.epoch_cpu_seconds = 0.0
