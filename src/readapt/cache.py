@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from readapt.config import CACHE_DTYPES
 from readapt.errors import ConfigError
+from readapt.io import fsync_directory
 
 logger = logging.getLogger("readapt")
 
@@ -466,9 +467,9 @@ class FeatureCache:
             finally:
                 self.model.train(was_training)
             writer.finish(time.perf_counter() - started)
-            _fsync_folder(partial)
+            fsync_directory(partial)
             partial.rename(plan.path)
-            _fsync_folder(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -596,14 +597,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

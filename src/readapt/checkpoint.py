@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from readapt.io import atomic_save_safetensors, atomic_write_json, fsync_directory, load_safetensors
 
 logger = logging.getLogger("readapt")
 
@@ -56,14 +55,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------- capture
@@ -154,7 +145,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, pro
         if final.exists():  # the same step written again: set the old one aside until the new one is in place
             replaced = final.rename(directory / f".checkpoint-{step:08d}.old")
         temporary.rename(final)
-        _fsync_dir(directory)
+        fsync_directory(directory)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:

@@ -51,7 +51,7 @@ from readapt.io import atomic_write_text
 from readapt.model import ReadModel, read_adapter_metadata
 from readapt.task_spec import TaskSpec, read_task_file
 from readapt.tasks import Example
-from readapt.tasks._io import quote_value, read_lines, read_raw_lines
+from readapt.tasks._io import delimited_records, quote_value, read_lines
 
 INPUT_FORMATS = (".csv", ".tsv", ".jsonl")
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -285,18 +285,11 @@ def read_rows(path: str | Path, needed: Sequence[str], needed_by=None) -> tuple[
             columns.extend(key for key in record if key not in columns)
             rows.append(record)
     else:
-        if file_format == ".csv":
-            reader = csv.reader((line for _, line in read_raw_lines(path)), strict=True)
-            records = _csv_records(reader, path)
-        else:
-            records = ((number, line.split("\t")) for number, line in read_lines(path) if line.strip())
-        header = next(records, None)
-        if header is None:
-            raise DataError(f"{path}: the file is empty; expected a header line naming the columns")
-        columns = [name.strip() for name in header[1]]
+        header_line, header, records = delimited_records(path, file_format)
+        columns = list(header)
         for column in needed:
             if column not in columns:
-                raise missing(column, columns, f"{path}, line {header[0]} (header)")
+                raise missing(column, columns, f"{path}, line {header_line} (header)")
         rows = []
         for number, cells in records:
             if len(cells) != len(columns):
@@ -306,17 +299,6 @@ def read_rows(path: str | Path, needed: Sequence[str], needed_by=None) -> tuple[
     if not rows:
         raise DataError(f"{path}: no data rows; expected at least one row to predict")
     return columns, rows
-
-
-def _csv_records(reader, path: Path):
-    lines_read = 0
-    try:
-        for cells in reader:
-            first_line, lines_read = lines_read + 1, reader.line_num
-            if any(cell.strip() for cell in cells):
-                yield first_line, cells
-    except csv.Error as error:
-        raise DataError(f"{path}, line {lines_read + 1}: malformed CSV ({error})") from None
 
 
 def check_output_path(output: str | Path | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import zlib
 from collections.abc import Iterator
@@ -67,3 +68,30 @@ def delimiter_hint(path: Path, columns: tuple[str, ...]) -> str:
             wanted = "tabs" if ".tsv" in path.name else "commas"
             return f" (the header looks delimited by {name}; a {path.name} file here must use {wanted})"
     return ""
+
+
+def delimited_records(path: Path, file_format: str) -> tuple[int, tuple[str, ...], Iterator[tuple[int, list[str]]]]:
+    """A CSV (standard quoting) or TSV (tabs, no quoting) file with a header line: (header line number, column
+    names, iterator of (line number, cells) for each non-blank record)."""
+    if file_format == ".csv":
+        # csv needs the line endings to keep quoted newlines; `line_num` counts physical lines.
+        reader = csv.reader((line for _, line in read_raw_lines(path)), strict=True)
+        records = _csv_records(reader, path)
+    else:
+        records = ((number, line.split("\t")) for number, line in read_lines(path) if line.strip())
+    header = next(records, None)
+    if header is None:
+        raise DataError(f"{path}: the file is empty; expected a header line naming the columns")
+    return header[0], tuple(name.strip() for name in header[1]), records
+
+
+def _csv_records(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(first line of the record, cells) for each non-blank CSV record."""
+    lines_read = 0
+    try:
+        for cells in reader:
+            first_line, lines_read = lines_read + 1, reader.line_num
+            if any(cell.strip() for cell in cells):
+                yield first_line, cells
+    except csv.Error as error:
+        raise DataError(f"{path}, line {lines_read + 1}: malformed CSV ({error})") from None

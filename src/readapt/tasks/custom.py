@@ -14,7 +14,6 @@ are integers and alphabetically otherwise; a label's index is its position in th
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from readapt.errors import DataError
-from readapt.tasks._io import delimiter_hint, quote_value, read_lines, read_raw_lines
+from readapt.tasks._io import delimited_records, delimiter_hint, quote_value, read_lines
 from readapt.tasks.base import Example, Task
 
 TaskType = Literal["auto", "classification", "regression"]
@@ -135,16 +134,7 @@ def _read_rows(path: Path, text_columns: tuple[str, ...], label_column: str) -> 
 def _read_delimited(
     path: Path, text_columns: tuple[str, ...], label_column: str, file_format: str
 ) -> Iterator[_Row]:
-    if file_format == ".csv":
-        # csv needs the line endings to keep quoted newlines; `line_num` counts physical lines.
-        reader = csv.reader((line for _, line in read_raw_lines(path)), strict=True)
-        records = _csv_records(reader, path)
-    else:
-        records = ((number, line.split("\t")) for number, line in read_lines(path) if line.strip())
-    header = next(records, None)
-    if header is None:
-        raise DataError(f"{path}: the file is empty; expected a header line naming the columns")
-    columns = tuple(name.strip() for name in header[1])
+    _, columns, records = delimited_records(path, file_format)
     positions = {name: _column_position(path, columns, name) for name in (*text_columns, label_column)}
     for line_number, cells in records:
         if len(cells) != len(columns):
@@ -153,18 +143,6 @@ def _read_delimited(
             )
         texts = tuple(cells[positions[name]] for name in text_columns)
         yield _Row(line_number, texts, cells[positions[label_column]])
-
-
-def _csv_records(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, cells) for each non-blank CSV record."""
-    lines_read = 0
-    try:
-        for cells in reader:
-            first_line, lines_read = lines_read + 1, reader.line_num
-            if any(cell.strip() for cell in cells):
-                yield first_line, cells
-    except csv.Error as error:
-        raise DataError(f"{path}, line {lines_read + 1}: malformed CSV ({error})") from None
 
 
 def _column_position(path: Path, columns: tuple[str, ...], name: str) -> int:
