@@ -198,4 +198,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                                        num_hidden_layers=2, num_attention_heads=4,
                                                        num_key_value_heads=2, pad_token_id=0))
-    return {name: _save_tiny(model, root / name) for name, model in (("bert", bert), ("t5", t5), ("llama", llama))}
+    # causal LMs (label words, generation); the BERT tokenizer's [SEP] (102) ends their answers. Weights 10x
+    # the usual init scale: with the usual 0.02 a width-32 LM head barely moves its 30k logits (at init they are
+    # all ~0), and a tiny task takes hundreds of steps to show any learning.
+    llama_lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                            bos_token_id=101, eos_token_id=102, initializer_range=0.2))
+    gpt2_lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                         bos_token_id=101, eos_token_id=102, pad_token_id=0, initializer_range=0.2))
+    models = (("bert", bert), ("t5", t5), ("llama", llama), ("llama-lm", llama_lm), ("gpt2-lm", gpt2_lm))
+    return {name: _save_tiny(model, root / name) for name, model in models}

@@ -60,6 +60,7 @@ def _config(tmp_path: Path, model: Path, **overrides) -> TrainingConfig:
         model=str(model), epochs=2, batch_size=8, eval_batch_size=16, max_length=32, progress=False,
         output_dir=str(tmp_path / "run"), overwrite=True, cache_dir=str(tmp_path / "cache"),
         method_options={"hidden_size": 16},
+        decoder_head="classifier",  # the tiny Llama is a classification model; cached label words are refused
     )
     settings.update(overrides)
     return TrainingConfig(**settings)
@@ -89,7 +90,7 @@ def _train_losses(config: TrainingConfig, losses: list[float]) -> tuple[list[flo
 
 # ---------------------------------------------------------------------------------------------- exactness
 def _read_model(folder: Path, config: ReadConfig):
-    loaded = load_backbone(str(folder), num_labels=2)
+    loaded = load_backbone(str(folder), num_labels=2, decoder_head="classifier")  # the Llama: a classification head
     model = get_read_model(loaded.model, config)
     torch.manual_seed(3)
     for side in model.read.values():  # a trained-looking side network: the correction is not zero
@@ -205,17 +206,17 @@ def test_dev_predictions_from_cache_equal_live(tiny_models, tmp_path):
 
 
 def _scores(model, batch, candidates):
-    from readapt.training import _candidate_scores
+    from readapt.answers import candidate_scores
 
     if candidates is not None:
-        return _candidate_scores(model, batch, candidates)
+        return candidate_scores(model, batch, candidates)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint and reuse
 def _key(folder: Path, tmp_path: Path, *, tokenizer=None, texts=("a good movie", "boring plot"), max_length=32,
          dtype="float16", config: ReadConfig | None = None, perturb=None) -> str:
-    loaded = load_backbone(str(folder), num_labels=2)
+    loaded = load_backbone(str(folder), num_labels=2, decoder_head="classifier")
     if perturb is not None:
         perturb(loaded.model)
     model = get_read_model(loaded.model, config or ReadConfig())
@@ -395,7 +396,7 @@ def test_low_precision_backbone_keeps_side_network_and_head_float32(kind, dtype,
     assert metrics["backbone_dtype"] == dtype
     # random tiny backbones: every state moves by up to the dtype's rounding, the losses by less than 1%
     assert losses == pytest.approx(reference, rel=1e-2)
-    loaded = load_backbone(str(tiny_models[kind]), 2, dtype=dtype)
+    loaded = load_backbone(str(tiny_models[kind]), 2, dtype=dtype, decoder_head="classifier")
     model = get_read_model(loaded.model, ReadConfig(hidden_size=16))
     assert {p.dtype for p in model.read.parameters()} == {torch.float32}
     for name in model.head_module_names:

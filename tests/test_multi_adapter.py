@@ -14,13 +14,14 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from conftest import REAL_GLUE_DIR, make_batch, needs_real_glue, tiny_backbone, train_steps
 from readapt import ConfigError, IncompatibleAdapterError, ReadConfig, ReadModel, get_read_model
+from readapt.answers import candidate_scores
 from readapt.cli import main
 from readapt.data import Candidates
 from readapt.methods import get_method
 from readapt.predict import Predictor
 from readapt.task_spec import TASK_FILE, TaskSpec, read_task_file, write_task_file
 from readapt.tasks import get_task
-from readapt.training import DataConfig, TrainingConfig, _candidate_scores
+from readapt.training import DataConfig, TrainingConfig
 
 SMALL = ReadConfig(hidden_size=16)
 OTHER = ReadConfig(hidden_size=8, rnn_type="lstm", h0="embeddings", aggregation="last")
@@ -151,7 +152,7 @@ def test_shared_pass_on_decoder_only_and_text_to_text(kind, tmp_path):
         candidates = Candidates((0, 1, 2), ((5, 6, 1), (7, 1), (9, 10, 11, 1)))
 
         def run(target):
-            return _candidate_scores(target, inputs, candidates)
+            return candidate_scores(target, inputs, candidates)
     else:
         def run(target):
             return target(**inputs).logits
@@ -457,7 +458,8 @@ def test_predict_refuses_other_methods_foreign_backbones_and_adapters_without_ta
     assert "made by method 'lora': readapt predict serves READ adapters only" in _one_line_error(capsys)
 
     llama = tmp_path / "llama"
-    get_read_model(load_backbone(str(tiny_models["llama"]), 2).model, SMALL).save_pretrained(llama)
+    get_read_model(load_backbone(str(tiny_models["llama"]), 2, decoder_head="classifier").model,
+                   SMALL).save_pretrained(llama)
     write_task_file(llama, get_task("sst2"), TrainingConfig(data=DataConfig(task="sst2")), False)
     assert main([*base, "--adapter", str(predict_adapters["sst2"]), "--adapter", str(llama)]) == 2
     err = _one_line_error(capsys)

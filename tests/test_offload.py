@@ -45,10 +45,10 @@ def saved(tmp_path_factory) -> dict:
 def _load(path, kind, offload_dir=None):
     """The backbone fully loaded, or (offload_dir given) with CPU RAM for about half of it and the rest on disk."""
     if offload_dir is None:
-        return load_backbone(str(path), KINDS[kind]).model
-    size = compute_module_sizes(load_backbone(str(path), KINDS[kind]).model)[""]
+        return load_backbone(str(path), KINDS[kind], decoder_head="classifier").model
+    size = compute_module_sizes(load_backbone(str(path), KINDS[kind], decoder_head="classifier").model)[""]
     return load_backbone(str(path), KINDS[kind], device_map="auto", max_memory={"cpu": size // 2},
-                         offload_folder=str(offload_dir)).model
+                         offload_folder=str(offload_dir), decoder_head="classifier").model
 
 
 def _train(model, kind, steps=STEPS):

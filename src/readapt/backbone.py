@@ -80,7 +80,8 @@ def find_layer_list(root: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Mo
     return parent, layers
 
 
-def _is_causal(config) -> bool:
+def is_causal_config(config) -> bool:
+    """True for a decoder-only (GPT-style) model's config."""
     if getattr(config, "is_decoder", False):
         return True
     from transformers.models.auto.modeling_auto import (
@@ -113,7 +114,7 @@ def describe_backbone(model: nn.Module) -> BackboneInfo:
             raise _unsupported(model, "encoder-decoder config but no separate encoder and decoder modules")
         roots = [("encoder", encoder), ("decoder", decoder)]
     else:
-        family = DECODER_ONLY if _is_causal(config) else ENCODER_ONLY
+        family = DECODER_ONLY if is_causal_config(config) else ENCODER_ONLY
         roots = [("decoder" if family == DECODER_ONLY else "encoder", model.base_model)]
 
     stacks = []

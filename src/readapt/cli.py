@@ -16,9 +16,11 @@ from readapt.config import (
     AGGREGATIONS,
     BACKBONE_DTYPES,
     CACHE_DTYPES,
+    DECODER_HEADS,
     H0_MODES,
     RNN_TYPES,
     SEQUENCE_CONTEXTS,
+    GenerationSettings,
     ReadConfig,
 )
 from readapt.errors import ReadaptError, TrainingInterrupted
@@ -40,8 +42,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-file", help="custom task: training file (CSV, TSV or JSONL)")
     parser.add_argument("--validation-file", help="custom task: validation file")
     parser.add_argument("--text-columns", help="custom task: comma-separated text column(s), one or two")
-    parser.add_argument("--label-column", default="label", help="custom task: label column (default: label)")
-    parser.add_argument("--task-type", choices=("auto", "classification", "regression"), default="auto")
+    parser.add_argument("--label-column",
+                        help="custom task: label column (default: label; completion for --task-type generation)")
+    parser.add_argument("--task-type", choices=("auto", "classification", "regression", "generation"), default="auto",
+                        help="custom task: generation = prompt/completion rows (JSONL fields or columns; change the "
+                             "names with --text-columns and --label-column), scored by exact match and token F1")
     parser.add_argument("--max-eval-samples", type=_positive_int, help="score only the first N dev rows")
     parser.add_argument("--model", help="Hub id, local folder or .gguf file (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
@@ -139,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                         help="--resume: continue this run's newest checkpoint (an error if there is none); "
                              "--no-resume: start over. Default: continue if there is one")
+    lm = train.add_argument_group("language-model backbones (decoder-only, seq2seq)")
+    lm.add_argument("--decoder-head", choices=DECODER_HEADS, default="label-words",
+                    help="decoder-only backbone on a classification/regression task: its LM head ranks the label "
+                         "words after a prompt (label-words, default) or a new classification head reads the last token")
+    lm.add_argument("--max-new-tokens", type=_positive_int, default=GenerationSettings.max_new_tokens,
+                    help=f"generation tasks: longest completion generated at evaluation (default {GenerationSettings.max_new_tokens})")
+    lm.add_argument("--do-sample", action="store_true", help="generation tasks: sample instead of greedy decoding")
+    lm.add_argument("--temperature", type=float, default=GenerationSettings.temperature, help="with --do-sample")
+    lm.add_argument("--top-p", type=float, default=GenerationSettings.top_p, help="with --do-sample")
+    lm.add_argument("--top-k", type=int, default=GenerationSettings.top_k, help="with --do-sample")
+    lm.add_argument("--num-beams", type=_positive_int, default=GenerationSettings.num_beams, help="beam search width")
+
     read = train.add_argument_group("READ options (defaults: readapt.ReadConfig)")
     read.add_argument("--read-hidden-size", type=int, help=f"RNN hidden size r (default {ReadConfig().hidden_size})")
     read.add_argument("--rnn-type", choices=RNN_TYPES)
@@ -268,7 +285,10 @@ def _train_config(args):
         cache_dir=args.cache_dir, cache_dtype=args.cache_dtype or "float16", cache_max_gb=args.cache_max_gb,
         device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder,
         checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-        keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, decoder_head=args.decoder_head,
+        generation=GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      num_beams=args.num_beams),
     )
     return config
 

@@ -26,7 +26,8 @@ with that reason (score them one at a time with `readapt eval`).
 Input: CSV (header line, standard quoting), TSV (header line, tab-separated, no quoting) or JSONL (one object
 per line), optionally gzip-compressed; the columns every adapter's task reads must be there. Output (by
 extension): CSV or JSONL, or JSONL on stdout; every input column, then one column per adapter holding its
-prediction: the label name (classification) or the number (regression).
+prediction: the label name (classification), the number (regression) or the generated text (generation: each
+adapter generates on its own, as generation cannot share a pass).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from readapt.answers import candidate_scores, generate_texts, no_kv_cache
+from readapt.config import GenerationSettings
 from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
 from readapt.io import atomic_write_text
@@ -108,6 +111,12 @@ def adapter_entries(directories: Sequence[str | Path], names: Sequence[str] | No
     return entries
 
 
+def _answer_kind(spec: TaskSpec) -> str:
+    if spec.causal_lm:
+        return "with a decoder-only LM's words"
+    return "with an encoder-decoder LM's words" if spec.text_to_text else "with a classification head"
+
+
 def _device(cpu: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
@@ -129,15 +138,18 @@ class Predictor:
 
         self.entries = adapter_entries(adapters, names)
         first = self.entries[0]
-        loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression)
+        loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression,
+                               decoder_head="label-words" if first.spec.text_to_text else "classifier",
+                               generation=first.spec.task.is_generation)
         for entry in self.entries:
-            if entry.spec.text_to_text != loaded.text_to_text:
-                kind = "text-to-text (encoder-decoder)" if entry.spec.text_to_text else "a classification head"
-                raise IncompatibleAdapterError(f"adapter {entry.directory} was trained {kind}, but {loaded.source} is "
-                                               f"{'an encoder-decoder' if loaded.text_to_text else 'not an encoder-decoder'} model")
+            if (entry.spec.text_to_text, entry.spec.causal_lm) != (loaded.text_to_text, loaded.causal_lm):
+                raise IncompatibleAdapterError(f"adapter {entry.directory} answers {_answer_kind(entry.spec)}, but on "
+                                               f"{loaded.source} the first adapter {first.name!r} answers "
+                                               f"{_answer_kind(first.spec)}; predict them in separate runs")
         self.source = loaded.source
         self.tokenizer = loaded.tokenizer
         self.text_to_text = loaded.text_to_text
+        self.causal = loaded.causal_lm
         self.model = ReadModel.from_pretrained(loaded.model, first.directory, adapter_name=first.name)
         for entry in self.entries[1:]:
             self.model.load_adapter(entry.directory, entry.name)
@@ -148,16 +160,16 @@ class Predictor:
         groups: dict[tuple, AdapterGroup] = {}
         for entry in self.entries:
             key = entry.spec.input_key()
+            if entry.spec.task.is_generation:  # each adapter writes its own tokens: nothing to share
+                key += (entry.name,)
             if key not in groups:
-                candidates = candidates_for(entry.spec.task, self.tokenizer) if self.text_to_text else None
+                candidates = (candidates_for(entry.spec.task, self.tokenizer, causal=self.causal)
+                              if self.text_to_text and not entry.spec.task.is_generation else None)
                 groups[key] = AdapterGroup(entry.spec, candidates=candidates)
             groups[key].names.append(entry.name)
         self.groups = list(groups.values())
         self.specs = {entry.name: entry.spec for entry in self.entries}
-        from readapt.training import _candidate_scores, _no_kv_cache  # the scoring `readapt eval` uses
-
-        self._no_cache = _no_kv_cache(self.model)
-        self._score_candidates = _candidate_scores
+        self._no_cache = no_kv_cache(self.model)
         self.positions = slice(0, 1) if head_only and self._heads_read_first_token() else None
 
     def _heads_read_first_token(self) -> bool:
@@ -198,12 +210,18 @@ class Predictor:
         predictions: dict[str, list] = {}
         for group in self.groups:
             batch = self._batch(group.spec, rows)
+            if group.spec.task.is_generation:
+                settings = GenerationSettings(**(group.spec.generation or {}))
+                for name in group.names:
+                    with self.model.using_adapter(name):
+                        predictions[name] = generate_texts(self.model, batch, self.tokenizer, settings, self.causal)
+                continue
             if group.candidates is None:
                 def run(batch=batch):
                     return self.model(**batch, **self._no_cache).logits
             else:
                 def run(batch=batch, candidates=group.candidates):
-                    return self._score_candidates(self.model, batch, candidates)
+                    return candidate_scores(self.model, batch, candidates, self.causal)
             with self.model.correcting_positions(self.positions) if self.positions else contextlib.nullcontext():
                 if shared:
                     outputs = self.model.run_adapters(run, group.names)
@@ -224,11 +242,12 @@ class Predictor:
 
     def _batch(self, spec: TaskSpec, rows: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
         # Placeholder labels: encode builds the same token ids as in training and evaluation.
-        label = 0.0 if spec.task.is_regression else 0
+        label = "" if spec.task.is_generation else 0.0 if spec.task.is_regression else 0
         examples = [Example(tuple(row[c] for c in spec.input_columns), label, i) for i, row in enumerate(rows)]
-        features = encode(spec.task, examples, self.tokenizer, spec.max_length, spec.text_to_text)
-        batch = Collator(self.tokenizer.pad_token_id, spec.text_to_text, spec.task.is_regression)(features)
-        return {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask")}
+        features = encode(spec.task, examples, self.tokenizer, spec.max_length, spec.text_to_text, spec.causal_lm)
+        batch = Collator(self.tokenizer.pad_token_id, spec.text_to_text, spec.task.is_regression,
+                         causal=spec.causal_lm, with_answers=False)(features)
+        return {key: value.to(self.device) for key, value in batch.items() if key != "labels"}
 
     @staticmethod
     def _labels(spec: TaskSpec, output: torch.Tensor, candidates: Candidates | None) -> list:

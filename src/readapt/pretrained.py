@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from readapt.config import DECODER_HEADS
 from readapt.errors import ReadaptError
 
 if TYPE_CHECKING:
@@ -47,8 +48,9 @@ def smollm2_gguf_file() -> Path:
 class LoadedBackbone:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    text_to_text: bool  # encoder-decoder: prompts in, label words out (T5 style)
+    text_to_text: bool  # the LM answers in words: encoder-decoder (T5 style) or a decoder-only causal LM
     source: str  # what the user asked for, resolved ("all-MiniLM-L6-v2 (<path>)", a Hub id, a folder)
+    causal_lm: bool = False  # a decoder-only LM with its LM head: prompt, then the answer (readapt.data)
 
 
 def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
@@ -72,9 +74,11 @@ def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
 def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool = False,
                   dtype: str | None = None, *, device_map: str | dict | None = None,
                   max_memory: dict | str | None = None, offload_folder: str | None = None,
-                  use_gpus: bool = True) -> LoadedBackbone:
-    """Load a backbone for a task: a sequence-classification model (encoder-only and decoder-only
-    backbones; the head is new and trained) or a seq2seq LM for encoder-decoder backbones (text-to-text).
+                  use_gpus: bool = True, decoder_head: str = "label-words",
+                  generation: bool = False) -> LoadedBackbone:
+    """Load a backbone for a task: a seq2seq LM for encoder-decoder backbones (text-to-text); for decoder-only
+    backbones a causal LM (`decoder_head="label-words"`, or any `generation` task) or a sequence-classification
+    model (`"classifier"`: a new head, trained); for encoder-only backbones a sequence-classification model.
     With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works.
     `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them.
 
@@ -87,11 +91,16 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     import torch
     from transformers import (
         AutoConfig,
+        AutoModelForCausalLM,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
 
+    from readapt.backbone import is_causal_config
+
+    if decoder_head not in DECODER_HEADS:
+        raise ReadaptError(f"decoder head {decoder_head!r}; allowed: {', '.join(DECODER_HEADS)}")
     source, extra, description = _resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, **extra)
@@ -109,8 +118,19 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
         model = _from_pretrained(AutoModelForSeq2SeqLM, source, name_or_path, kwargs)
         return LoadedBackbone(model.eval(), tokenizer, True, description)
 
-    if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; classification needs one
+    if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; batches need one
         tokenizer.pad_token = tokenizer.eos_token
+    if is_causal_config(config) and (decoder_head == "label-words" or generation):
+        if device_map is not None:
+            kwargs.update(_placement(AutoModelForCausalLM, config, device_map, max_memory, offload_folder,
+                                     kwargs.get("dtype"), use_gpus))
+        model = _from_pretrained(AutoModelForCausalLM, source, name_or_path, kwargs)
+        if model.generation_config.pad_token_id is None:  # generate() pads finished rows with it, quietly
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return LoadedBackbone(model.eval(), tokenizer, True, description, causal_lm=True)
+    if generation:
+        raise ReadaptError(f"model {name_or_path or DEFAULT_BACKBONE!r} is an encoder; a generation task needs a "
+                           "decoder-only or encoder-decoder language model")
     problem = {"problem_type": "regression"} if is_regression else {}
     if device_map is not None:  # planned on the model skeleton that from_pretrained will build
         head_config = AutoConfig.from_pretrained(source, **extra, num_labels=num_labels,

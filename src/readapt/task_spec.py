@@ -10,9 +10,11 @@ task.json (written atomically by `readapt train` each time it saves the best ada
     source           "glue" (glue_task names the GLUE task) or "custom" (text_columns, label_column and
                      task_type as given to `readapt train`)
     max_length       inputs are truncated to this many tokens, as in training
-    text_to_text     true for encoder-decoder backbones: the input is the task's prompt and prediction ranks
-                     the candidate answers (rank classification)
+    text_to_text     true for LMs answering in words (encoder-decoder, or decoder-only with label words): the input
+                     is the task's prompt and prediction ranks the candidate answers (rank classification)
+    causal_lm        true for a decoder-only LM answering in words (the prompt ends in an answer cue)
     candidates       text-to-text only: the ranked answers, as label values and as target texts
+    generation       generation tasks only: the settings completions were generated with (GenerationSettings)
     readapt_version  the version that wrote it
 """
 
@@ -43,6 +45,8 @@ class TaskSpec:
     text_to_text: bool
     source: str = "glue"  # "glue" or "custom"
     glue_task: str | None = None
+    causal_lm: bool = False
+    generation: dict[str, Any] | None = None  # generation tasks: GenerationSettings as a dict
 
     @property
     def input_columns(self) -> tuple[str, ...]:
@@ -50,7 +54,7 @@ class TaskSpec:
 
     def input_key(self) -> tuple:
         """Adapters with equal keys get the same token ids for a row, so one backbone pass serves them all."""
-        key: tuple = (self.text_to_text, self.task.text_fields, self.max_length)
+        key: tuple = (self.text_to_text, self.causal_lm, self.task.text_fields, self.max_length)
         if self.text_to_text:  # the prompt, and the candidate answers the decoder scores
             key += (self.task.prompt_prefix, self.task.prompt_fields or self.task.text_fields,
                     tuple(candidate_answers(self.task)[1]))
@@ -67,9 +71,12 @@ class TaskSpec:
 
         record: dict[str, Any] = {
             "format": FORMAT, "task": _task_dict(self.task), "source": self.source, "glue_task": self.glue_task,
-            "max_length": self.max_length, "text_to_text": self.text_to_text, "readapt_version": __version__,
+            "max_length": self.max_length, "text_to_text": self.text_to_text, "causal_lm": self.causal_lm,
+            "readapt_version": __version__,
         }
-        if self.text_to_text:
+        if self.generation is not None:
+            record["generation"] = self.generation
+        elif self.text_to_text:
             values, texts = candidate_answers(self.task)
             record["candidates"] = {"values": list(values), "texts": texts}
         record.update(extra or {})
@@ -84,15 +91,16 @@ def _task_dict(task: Task) -> dict[str, Any]:
     return record
 
 
-def write_task_file(directory: str | Path, task: Task, config, text_to_text: bool) -> None:
+def write_task_file(directory: str | Path, task: Task, config, text_to_text: bool, causal_lm: bool = False) -> None:
     """Write `task.json` into a saved adapter's directory. `config` is the run's readapt.training.TrainingConfig."""
     data = config.data
+    answers = {"causal_lm": causal_lm, "generation": config.generation.to_dict() if task.is_generation else None}
     if data.train_file is not None:
-        spec = TaskSpec(task, config.max_length, text_to_text, source="custom")
+        spec = TaskSpec(task, config.max_length, text_to_text, source="custom", **answers)
         extra = {"custom": {"text_columns": list(data.text_columns or task.text_fields),
                             "label_column": data.label_column, "task_type": data.task_type}}
     else:
-        spec = TaskSpec(task, config.max_length, text_to_text, source="glue", glue_task=task.name)
+        spec = TaskSpec(task, config.max_length, text_to_text, source="glue", glue_task=task.name, **answers)
         extra = None
     atomic_write_json(Path(directory) / TASK_FILE, spec.to_dict(extra))
 
@@ -117,8 +125,11 @@ def read_task_file(directory: str | Path) -> TaskSpec:
         text_to_text = record["text_to_text"]
         if record.get("format") != FORMAT or not isinstance(max_length, int) or not isinstance(text_to_text, bool):
             raise ValueError("unknown format, or max_length / text_to_text of the wrong type")
+        causal_lm, generation = record.get("causal_lm", False), record.get("generation")
+        if not isinstance(causal_lm, bool) or not (generation is None or isinstance(generation, dict)):
+            raise ValueError("causal_lm / generation of the wrong type")
         return TaskSpec(task, max_length, text_to_text, source=record.get("source", "glue"),
-                        glue_task=record.get("glue_task"))
+                        glue_task=record.get("glue_task"), causal_lm=causal_lm, generation=generation)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise IncompatibleAdapterError(f"{path} is not a valid readapt task file: {exc}") from None
 

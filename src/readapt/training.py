@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import itertools
 import json
 import logging
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from readapt.answers import candidate_scores, causal_lm_loss, generate_texts, no_kv_cache
 from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
 from readapt.checkpoint import (
     CHECKPOINTS_DIR,
@@ -49,7 +49,7 @@ from readapt.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from readapt.config import BACKBONE_DTYPES, CACHE_DTYPES, ReadConfig
+from readapt.config import BACKBONE_DTYPES, CACHE_DTYPES, DECODER_HEADS, GenerationSettings, ReadConfig
 from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, TrainingError, TrainingInterrupted
 from readapt.io import atomic_write_json
@@ -57,6 +57,7 @@ from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
 from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
 from readapt.pretrained import load_backbone
 from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
+from readapt.tasks.custom import GENERATION_COLUMNS
 
 logger = logging.getLogger("readapt")
 
@@ -74,13 +75,16 @@ class DataConfig:
     data_dir: str | None = None
     train_file: str | None = None
     validation_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    task_type: str = "auto"
+    text_columns: list[str] | None = None  # None with task_type "generation": ["prompt"]
+    label_column: str | None = None  # None: "label", or "completion" with task_type "generation"
+    task_type: str = "auto"  # auto | classification | regression | generation
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
     def validate(self) -> None:
+        if self.task_type == "generation":
+            self.text_columns = self.text_columns or [GENERATION_COLUMNS[0]]
+        self.label_column = self.label_column or (GENERATION_COLUMNS[1] if self.task_type == "generation" else "label")
         custom = self.train_file is not None or self.validation_file is not None
         if custom and (self.train_file is None or self.validation_file is None or not self.text_columns):
             raise ConfigError("a custom task needs --train-file, --validation-file and --text-columns")
@@ -129,6 +133,10 @@ class TrainingConfig:
     checkpoint_minutes: float = 15.0  # 0: no time-based checkpoints
     keep_checkpoints: int = 2
     resume: bool | None = None  # None: continue this run's newest checkpoint if there is one; True: must; False: start over
+    # Decoder-only backbones on classification/regression tasks: "label-words" (the LM head ranks the label words
+    # after a prompt) or "classifier" (a new sequence-classification head). Other backbones ignore it.
+    decoder_head: str = "label-words"
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # how generation tasks are scored
 
     def validate(self) -> None:
         self.data.validate()
@@ -146,6 +154,11 @@ class TrainingConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr={self.lr} is out of range; it must be a positive number")
+        if self.decoder_head not in DECODER_HEADS:
+            raise ConfigError(f"--decoder-head={self.decoder_head!r}; allowed: {', '.join(DECODER_HEADS)}")
+        if isinstance(self.generation, dict):  # from a JSON config
+            self.generation = GenerationSettings(**self.generation)
+        self.generation.validate()
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"--mixed-precision={self.mixed_precision!r}; allowed: no, fp16, bf16")
         if self.backbone_dtype not in BACKBONE_DTYPES:
@@ -214,21 +227,27 @@ def set_seed(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model, loader: DataLoader, task: Task, candidates: Candidates | None, progress: bool = False,
-            description: str = "eval", gather=None) -> list[int | float]:
-    """Predictions for every example of `loader`: argmax / regression output of a head, or, for
-    text-to-text models, rank classification over the candidate answers (highest total log-likelihood).
+            description: str = "eval", gather=None, *, causal: bool = False,
+            generation: tuple[Any, GenerationSettings] | None = None) -> list[int | float | str]:
+    """Predictions for every example of `loader`: argmax / regression output of a head; for LMs (T5, or a
+    decoder-only LM: `causal`) rank classification over the candidate answers (highest total log-likelihood);
+    for generation tasks (`generation` = (tokenizer, settings)) the generated completions.
     Several processes (each scoring its shard of every batch): `gather` = Accelerate's gather_for_metrics,
     which puts the shards back in order and drops the examples repeated to even out the last batch."""
     model.eval()
-    no_cache = _no_kv_cache(model)
-    predictions: list[int | float] = []
+    no_cache = no_kv_cache(model)
+    predictions: list[int | float | str] = []
     for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
+        if generation is not None:
+            texts = generate_texts(model, batch, *generation, causal=causal)
+            predictions.extend(gather(texts) if gather is not None else texts)
+            continue
         with _replaying(model, batch):
             if candidates is None:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
                 batch_predictions = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
             else:
-                batch_predictions = _candidate_scores(model, batch, candidates).argmax(-1)
+                batch_predictions = candidate_scores(model, batch, candidates, causal).argmax(-1)
         if gather is not None:
             batch_predictions = gather(batch_predictions)
         values = batch_predictions.tolist()
@@ -242,28 +261,6 @@ def _replaying(model, batch: dict):
     return contextlib.nullcontext() if cached is None else model.replaying(cached)
 
 
-def _no_kv_cache(model) -> dict[str, bool]:
-    """Scoring and training never reuse a KV cache; building one (decoder-only, seq2seq) only costs memory."""
-    forward = getattr(model, "backbone", model).forward
-    return {"use_cache": False} if "use_cache" in inspect.signature(forward).parameters else {}
-
-
-def _candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tensor:
-    # The encoder runs once; its output (with READ's corrected states attached) serves every candidate.
-    # Prompt tuning changes the encoder's input (virtual tokens), so there the whole model runs per candidate.
-    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    inputs = {"input_ids": batch["input_ids"]} if prompt_learning else {
-        "encoder_outputs": model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])}
-    size = batch["input_ids"].shape[0]
-    scores = []
-    for token_ids in candidates.token_ids:
-        labels = torch.tensor(token_ids, device=batch["input_ids"].device).repeat(size, 1)
-        logits = model(**inputs, attention_mask=batch["attention_mask"], labels=labels, use_cache=False).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        scores.append(log_probs.sum(-1))
-    return torch.stack(scores, dim=-1)
-
-
 @dataclass
 class DevEvaluator:
     """The dev split(s) of a task, encoded once, and how to score a model on them."""
@@ -271,29 +268,37 @@ class DevEvaluator:
     task: Task
     loaders: dict[str, DataLoader]
     references: dict[str, list]
-    candidates: Candidates | None  # text-to-text: the answers ranked at prediction time
+    candidates: Candidates | None  # T5 / decoder-only LM on a classification task: the answers ranked
     gather: Any = None  # several processes: Accelerate's gather_for_metrics
+    causal: bool = False  # a decoder-only LM (left-padded prompts)
+    generation: tuple[Any, GenerationSettings] | None = None  # generation task: (tokenizer, settings)
 
     @classmethod
     def build(cls, task: Task, dev_examples: dict[str, list[Example]], loaded, max_length: int, batch_size: int,
-              accelerator, feature_cache: _CacheJobs | None = None) -> DevEvaluator:
-        collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
-        candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
+              accelerator, feature_cache: _CacheJobs | None = None,
+              generation: GenerationSettings | None = None) -> DevEvaluator:
+        # a decoder-only LM is scored on the prompts alone: the candidates (or the generation) follow them
+        collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression,
+                            causal=loaded.causal_lm, with_answers=False)
+        candidates = (candidates_for(task, loaded.tokenizer, causal=loaded.causal_lm)
+                      if loaded.text_to_text and not task.is_generation else None)
         loaders = {}
         for split, rows in dev_examples.items():
-            features, split_collator = encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text), collator
+            features = encode(task, rows, loaded.tokenizer, max_length, loaded.text_to_text, causal=loaded.causal_lm)
+            split_collator = collator
             if feature_cache is not None:
                 features, split_collator = feature_cache.attach(f"dev {split}", features, collator, candidates)
             loaders[split] = accelerator.prepare(_loader(features, batch_size, split_collator))
         references = {split: [e.label for e in rows] for split, rows in dev_examples.items()}
         gather = accelerator.gather_for_metrics if getattr(accelerator, "num_processes", 1) > 1 else None
-        return cls(task, loaders, references, candidates, gather)
+        generate = (loaded.tokenizer, generation or GenerationSettings()) if task.is_generation else None
+        return cls(task, loaders, references, candidates, gather, loaded.causal_lm, generate)
 
     def __call__(self, model, progress: bool) -> dict[str, dict[str, float]]:
         results = {}
         for split, loader in self.loaders.items():
             predictions = predict(model, loader, self.task, self.candidates, progress, description=f"eval {split}",
-                                  gather=self.gather)
+                                  gather=self.gather, causal=self.causal, generation=self.generation)
             if len(predictions) != len(self.references[split]):  # every dev example scored exactly once
                 raise RuntimeError(f"{len(predictions)} predictions for {len(self.references[split])} {split} examples")
             results[split] = compute_metrics(self.task, predictions, self.references[split])
@@ -464,7 +469,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         set_seed(config.seed)
         loaded = load_backbone(config.model, task.num_labels, task.is_regression, dtype=config.backbone_dtype,
                                device_map=config.device_map, max_memory=config.max_memory,
-                               offload_folder=config.offload_folder, use_gpus=not config.cpu)
+                               offload_folder=config.offload_folder, use_gpus=not config.cpu,
+                               decoder_head=config.decoder_head, generation=task.is_generation)
         backbone_parameters = count_parameters(loaded.model)  # before the method adds any
         model = method.prepare(loaded.model, config.method_options)
         placement = _log_placement(loaded.model)
@@ -600,7 +606,7 @@ class _CacheJobs:
     def build(self, model, accelerator, batch_size: int, progress: bool) -> None:
         """Open or build every entry, running the model exactly as training and prediction call it."""
         unwrapped = accelerator.unwrap_model(model)  # what predict() gets
-        no_cache = _no_kv_cache(unwrapped)
+        no_cache = no_kv_cache(unwrapped)
         for plan, features, collator, candidates, training in self.jobs:
             if training:  # the unwrapped model: a data-parallel wrapper would synchronise with idle processes
                 def run(batch):
@@ -610,7 +616,7 @@ class _CacheJobs:
                     return unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache)
             else:
                 def run(batch, candidates=candidates):
-                    return _candidate_scores(unwrapped, batch, candidates)
+                    return candidate_scores(unwrapped, batch, candidates)
             self.cache.open_or_build(plan, run, features, collator, batch_size, accelerator.device, progress=progress)
 
     def summary(self) -> dict[str, Any]:
@@ -653,8 +659,15 @@ def _debug_step_delay() -> float:
 
 def _train(config, method, task, train_examples, dev_examples, loaded, model, run: _RunDirectory, accelerator,
            make_scheduler, backbone_parameters):
-    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
-    train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text)
+    causal = loaded.causal_lm
+    if config.cache_features and task.is_generation:
+        raise ConfigError("--cache-features does not support generation tasks: generating runs the backbone on "
+                          "tokens that do not exist before the model writes them")
+    if config.cache_features and causal:
+        raise ConfigError("--cache-features does not support decoder-only LMs answering in words yet (their "
+                          "prompt + answer sequences are not cached); use --decoder-head classifier, or no cache")
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression, causal=causal)
+    train_features = encode(task, train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text, causal)
     feature_cache = _CacheJobs(config, model, loaded) if config.cache_features else None
     train_collator = collator
     if feature_cache is not None:
@@ -662,11 +675,11 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
     order = EpochShuffle(len(train_features), config.seed)
     train_loader = _loader(train_features, config.batch_size, train_collator, sampler=order)
     evaluate = DevEvaluator.build(task, dev_examples, loaded, config.max_length, config.eval_batch_size, accelerator,
-                                  feature_cache)
+                                  feature_cache, config.generation)
     if feature_cache is not None:
         feature_cache.cache.check_budget([job[0] for job in feature_cache.jobs])
 
-    no_cache = _no_kv_cache(loaded.model)
+    no_cache = no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     parameters = TrainableCount(count_trainable(model), backbone_parameters)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -755,7 +768,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
                        disable=not (config.progress and is_main))
             for batch in bar:
                 with _replaying(unwrapped, batch):
-                    loss = model(**batch, **no_cache).loss
+                    loss = causal_lm_loss(model, batch) if causal else model(**batch, **no_cache).loss
                 # What every process must agree on before the next collective: the loss (mean over processes),
                 # a stop signal, a checkpoint falling due by the clock.
                 time_due = every_seconds > 0 and time.monotonic() - last_checkpoint_time >= every_seconds
@@ -810,7 +823,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
 
                     with _disk_guard("the adapter", progress.step, run):
                         method.save(unwrapped, run.staging / ADAPTER_DIR)
-                        write_task_file(run.staging / ADAPTER_DIR, task, config, loaded.text_to_text)
+                        write_task_file(run.staging / ADAPTER_DIR, task, config, loaded.text_to_text, causal)
                 logger.info("epoch %d is the best so far (%s %.4f); adapter saved", epoch, task.main_metric, score)
             progress.epoch, progress.batches_done, progress.loss_sum = epoch + 1, 0, 0.0
             progress.epoch_seconds = progress.epoch_cpu_seconds = 0.0
@@ -869,11 +882,19 @@ def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Pa
     """Load a backbone and a trained adapter (any method) and score the task's dev split(s)."""
     from accelerate import Accelerator
 
+    from readapt.task_spec import TASK_FILE, read_task_file
+
     data.validate()
     method = method_of(Path(adapter))
     task, _, dev_examples = load_task_data(data, seed=0)
-    loaded = load_backbone(model_name, task.num_labels, task.is_regression)
+    # how the adapter answers (label words or a head; generation settings) is what it was trained with
+    spec = read_task_file(adapter) if (Path(adapter) / TASK_FILE).is_file() else None
+    decoder_head = "label-words" if spec is None or spec.text_to_text else "classifier"
+    generation = GenerationSettings(**spec.generation) if spec is not None and spec.generation else None
+    loaded = load_backbone(model_name, task.num_labels, task.is_regression, decoder_head=decoder_head,
+                           generation=task.is_generation)
     model = method.load(loaded.model, Path(adapter))
     accelerator = Accelerator(cpu=cpu)
-    evaluate = DevEvaluator.build(task, dev_examples, loaded, max_length, batch_size, accelerator)
+    evaluate = DevEvaluator.build(task, dev_examples, loaded, max_length, batch_size, accelerator,
+                                  generation=generation)
     return evaluate(accelerator.prepare(model), progress)

@@ -96,15 +96,17 @@ def measure_inference(spec: dict) -> dict[str, Any]:
     model = method_of(adapter).load(loaded.model, adapter)
     accelerator = Accelerator(cpu=spec.get("cpu", False))
     model = accelerator.prepare(model)
-    candidates = candidates_for(task, loaded.tokenizer) if loaded.text_to_text else None
-    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression)
+    causal = loaded.causal_lm
+    candidates = candidates_for(task, loaded.tokenizer, causal=causal) if loaded.text_to_text else None
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression, causal=causal,
+                        with_answers=False)
     meter = PeakMemoryMeter(accelerator.device)
     meter.start()
     out: dict[str, Any] = {}
     for batch_size in INFERENCE_BATCH_SIZES:
         needed = batch_size * (INFERENCE_REPEATS[batch_size] + 1)
         subset = (rows * (needed // len(rows) + 1))[:needed]
-        features = encode(task, subset, loaded.tokenizer, spec["max_length"], loaded.text_to_text)
+        features = encode(task, subset, loaded.tokenizer, spec["max_length"], loaded.text_to_text, causal)
         loader = accelerator.prepare(_loader(features, batch_size, collator))
         times = []
         for index, batch in enumerate(loader):
@@ -112,7 +114,7 @@ def measure_inference(spec: dict) -> dict[str, Any]:
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            predict(model, single, task, candidates)
+            predict(model, single, task, candidates, causal=causal)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             if index > 0:  # the first batch warms up kernels and allocators
@@ -133,6 +135,8 @@ def measure_training_memory(spec: dict) -> dict[str, Any]:
     """Peak memory of a few training steps at one batch size on random token ids of a fixed length."""
     import torch
 
+    from readapt.answers import causal_lm_loss
+    from readapt.data import IGNORE_INDEX
     from readapt.measure import PeakMemoryMeter
     from readapt.methods import get_method
     from readapt.pretrained import load_backbone
@@ -144,7 +148,10 @@ def measure_training_memory(spec: dict) -> dict[str, Any]:
     size, length = spec["batch_size"], spec["max_length"]
     batch = {"input_ids": torch.randint(5, loaded.tokenizer.vocab_size, (size, length), device=device),
              "attention_mask": torch.ones(size, length, dtype=torch.long, device=device)}
-    if loaded.text_to_text:
+    if loaded.causal_lm:  # a prompt and a 4-token answer at its end, as label words are trained
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        batch["labels"][:, -4:] = batch["input_ids"][:, -4:]
+    elif loaded.text_to_text:
         batch["labels"] = torch.randint(5, loaded.tokenizer.vocab_size, (size, 4), device=device)
     else:
         batch["labels"] = torch.randint(0, 2, (size,), device=device)
@@ -153,7 +160,7 @@ def measure_training_memory(spec: dict) -> dict[str, Any]:
     meter = PeakMemoryMeter(device)
     meter.start()
     for _ in range(2):  # the second step includes the optimizer state
-        model(**batch).loss.backward()
+        (causal_lm_loss(model, batch) if loaded.causal_lm else model(**batch).loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"kind": "memory", "method": spec["method"], "batch_size": size, "seq_len": length,

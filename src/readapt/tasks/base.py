@@ -23,10 +23,11 @@ COMBINED_METRIC = "combined"
 @dataclass(frozen=True)
 class Example:
     """One labelled row: `texts` in the order of `Task.text_fields`; `label` is a class index
-    (classification) or a float target (regression); `idx` is the 0-based data row in its file."""
+    (classification), a float target (regression) or the completion text (generation); `idx` is the
+    0-based data row in its file."""
 
     texts: tuple[str, ...]
-    label: int | float
+    label: int | float | str
     idx: int
 
 
@@ -38,6 +39,9 @@ class Task:
     regression tasks have none. `label_words` are the target words of a text-to-text model,
     also in label-index order. `prompt_fields` is the order in which `format_text_to_text`
     writes the text fields (empty means the order of `text_fields`).
+
+    A generation task (`is_generation`) has one text field, the prompt, and its labels are the
+    completions; a model answers by generating, scored by exact match and token F1.
     """
 
     name: str
@@ -52,10 +56,15 @@ class Task:
     label_words: tuple[str, ...] = ()
     # Allowed (min, max) of a regression target; None means any finite number.
     target_range: tuple[float, float] | None = None
+    is_generation: bool = False
 
     def __post_init__(self) -> None:
         if not self.text_fields:
             raise ValueError(f"task {self.name!r}: text_fields must name at least one field")
+        if self.is_generation:
+            if self.is_regression or self.label_names or len(self.text_fields) != 1:
+                raise ValueError(f"task {self.name!r}: a generation task has one text field (the prompt) and no labels")
+            return
         if self.is_regression and self.label_names:
             raise ValueError(f"task {self.name!r}: a regression task has no label_names")
         if not self.is_regression and not self.label_names:
@@ -72,8 +81,9 @@ class Task:
 
     @property
     def num_labels(self) -> int:
-        """Size of the model's output: 1 for regression, else the number of classes."""
-        return 1 if self.is_regression else len(self.label_names)
+        """Size of the model's output: 1 for regression (and generation, which has no head), else the number
+        of classes."""
+        return 1 if self.is_regression or self.is_generation else len(self.label_names)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -94,8 +104,19 @@ class Task:
             parts.append(f"{field}: {text_by_field[field]}")
         return " ".join(parts)
 
+    def format_causal_prompt(self, example: Example) -> str:
+        """What a decoder-only LM reads before it answers: the prompt itself for a generation task; for a
+        classification or regression task the text-to-text input and an answer cue, the label word to follow
+        after a space ("rte sentence1: ... sentence2: ...\nAnswer:" + " entailment")."""
+        if self.is_generation:
+            return example.texts[0]
+        return self.format_text_to_text(example) + "\nAnswer:"
+
     def label_to_text(self, label: int | float) -> str:
-        """The target text for a label: its label word, or the formatted score for regression."""
+        """The target text for a label: its label word, the formatted score for regression, the completion
+        itself for generation."""
+        if self.is_generation:
+            return str(label)
         if self.is_regression:
             if self.target_range == (STSB_MIN_SCORE, STSB_MAX_SCORE):
                 return stsb_to_text(float(label))

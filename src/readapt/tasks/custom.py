@@ -10,6 +10,9 @@ ratings) are treated as classes unless task_type="regression" is passed.
 
 Classification labels are the distinct training labels as strings, sorted numerically when all
 are integers and alphabetically otherwise; a label's index is its position in that order.
+
+task_type="generation": one text column, the prompt (default `prompt`), and the label column is the
+completion (default `completion`) the model learns to write after it; scored by exact match and token F1.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from readapt.errors import DataError
 from readapt.tasks._io import delimited_records, delimiter_hint, quote_value, read_lines
 from readapt.tasks.base import Example, Task
 
-TaskType = Literal["auto", "classification", "regression"]
-_TASK_TYPES = ("auto", "classification", "regression")
+TaskType = Literal["auto", "classification", "regression", "generation"]
+_TASK_TYPES = ("auto", "classification", "regression", "generation")
+GENERATION_COLUMNS = ("prompt", "completion")  # a generation task's default (text column, label column)
 _FORMATS = (".csv", ".tsv", ".jsonl")
 
 
@@ -61,6 +65,8 @@ def load_custom_task(
     text_columns = tuple(text_columns)
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be a positive number of rows, got {max_samples}")
+    if task_type == "generation" and len(text_columns) != 1:
+        raise DataError(f"a generation task has one text column, the prompt; got {len(text_columns)}")
     if not 1 <= len(text_columns) <= 2:
         raise DataError(
             f"text_columns must name 1 or 2 columns (a sentence or a pair), got {len(text_columns)}"
@@ -74,7 +80,11 @@ def load_custom_task(
     validation_path = Path(validation_file).expanduser() if validation_file is not None else None
     validation_rows = _read_rows(validation_path, text_columns, label_column) if validation_path else None
 
-    if is_regression:
+    if task_type == "generation":
+        task = Task(name=name, text_fields=text_columns, is_generation=True,
+                    metric_names=("exact_match", "token_f1"),
+                    dev_splits=("validation",) if validation_rows is not None else ())
+    elif is_regression:
         task = Task(
             name=name,
             text_fields=text_columns,
@@ -225,8 +235,12 @@ def _to_examples(rows: list[_Row], task: Task, path: Path, label_column: str) ->
     examples = []
     for row in rows:
         where = f"{path}, line {row.line_number}, column {label_column!r}"
-        label: int | float
-        if task.is_regression:
+        label: int | float | str
+        if task.is_generation:
+            if not isinstance(row.label, str):
+                raise DataError(f"{where}: a completion must be text, got {quote_value(row.label)}")
+            label = row.label
+        elif task.is_regression:
             number = _as_number(row.label)
             if number is None:
                 raise DataError(

@@ -1,4 +1,4 @@
-"""GLUE metrics with scikit-learn and scipy.
+"""GLUE metrics with scikit-learn and scipy; exact match and token F1 for generation tasks.
 
 All values are fractions (accuracy 0.85, not 85); the CLI may print them x100.
 Undefined correlations are reported as 0.0 instead of NaN, so model selection never compares
@@ -9,6 +9,9 @@ convention). NaN in regression predictions still gives NaN (a diverged model sho
 
 from __future__ import annotations
 
+import collections
+import re
+import string
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -69,6 +72,43 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
+# --- generation: SQuAD's answer normalisation (lower case, no punctuation, no articles, single spaces)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference after `normalize_answer`."""
+    return float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]))
+
+
+def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean over examples of the F1 between the bags of normalised tokens (SQuAD); two empty answers agree."""
+    scores = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        predicted, wanted = normalize_answer(prediction).split(), normalize_answer(reference).split()
+        if not predicted or not wanted:
+            scores.append(float(predicted == wanted))
+            continue
+        common = sum((collections.Counter(predicted) & collections.Counter(wanted)).values())
+        if common == 0:
+            scores.append(0.0)
+            continue
+        precision, recall = common / len(predicted), common / len(wanted)
+        scores.append(2 * precision * recall / (precision + recall))
+    return float(np.mean(scores))
+
+
+GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+    "exact_match": exact_match,
+    "token_f1": token_f1,
+}
+
+
 def compute_metrics(
     task: str | Task, predictions: Sequence[float] | np.ndarray, references: Sequence[float] | np.ndarray
 ) -> dict[str, float]:
@@ -79,6 +119,8 @@ def compute_metrics(
     "combined" (their mean) when there are several, so `result[task.main_metric]` always exists.
     """
     task = get_task(task)
+    if task.is_generation:
+        return _generation_metrics(task, predictions, references)
     prediction_array = _as_vector(predictions, "predictions")
     reference_array = _as_vector(references, "references")
     if len(prediction_array) != len(reference_array):
@@ -99,6 +141,19 @@ def compute_metrics(
                 f"task {task.name}: unknown metric {metric_name!r}; expected one of {', '.join(METRICS)}"
             )
         results[metric_name] = METRICS[metric_name](prediction_array, reference_array)
+    if len(task.metric_names) > 1:
+        results[COMBINED_METRIC] = float(np.mean([results[name] for name in task.metric_names]))
+    return results
+
+
+def _generation_metrics(task: Task, predictions: Sequence, references: Sequence) -> dict[str, float]:
+    if len(predictions) != len(references):
+        raise DataError(f"got {len(predictions)} generations for {len(references)} references")
+    if not references:
+        raise DataError("no generations to score; expected at least one example")
+    if not all(isinstance(t, str) for t in (*predictions, *references)):
+        raise DataError(f"task {task.name}: generations and references must be texts")
+    results = {name: GENERATION_METRICS[name](predictions, references) for name in task.metric_names}
     if len(task.metric_names) > 1:
         results[COMBINED_METRIC] = float(np.mean([results[name] for name in task.metric_names]))
     return results
