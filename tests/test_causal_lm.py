@@ -209,8 +209,10 @@ def test_label_words_and_classifier_heads_eval_and_predict(tiny_models, tmp_path
               "--max-length", "40", "--no-progress", "--no-checkpoints", "--read-hidden-size", "16"]
     for head in ("label-words", "classifier"):
         out = tmp_path / head
-        assert main(["train", *common, "--decoder-head", head, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+        assert main(["train", *common, "--decoder-head", head, "--output-dir", str(out), "--eval-before-training"]) == 0
+        assert "before training: validation accuracy" in capsys.readouterr().out
         metrics = json.loads((out / "metrics.json").read_text())
+        assert 0 <= metrics["initial_dev"]["validation"]["accuracy"] <= 1
         spec = json.loads((out / "adapter" / "task.json").read_text())
         assert spec["causal_lm"] == (head == "label-words") and spec["text_to_text"] == (head == "label-words")
         scores = tmp_path / f"{head}.json"

@@ -1,5 +1,5 @@
 """READ's sequence context (ReadConfig.sequence_context="mean"): every token's correction sees the mean RNN
-summary of its sequence's real tokens. Invariants: padding changes nothing, an untrained model is still exactly
+summary of its sequence's real tokens (decoder-only stacks: of those up to and including it, a running mean). Invariants: padding changes nothing, an untrained model is still exactly
 the backbone, no gradient reaches the backbone, chunked recomputation gives the same gradients, the feature
 cache replays it exactly, and what it cannot do is refused."""
 
@@ -122,9 +122,56 @@ def test_feature_cache_replay_equals_live():
     assert torch.equal(live, replayed)
 
 
+def test_causal_context_never_looks_ahead():
+    torch.manual_seed(0)
+    states = torch.randn(3, 2, 5, 8)
+    changed = states.clone()
+    changed[:, 0, 3] += 1.0  # token 3 of sequence 0
+    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context="mean"), causal=True).eval()
+    torch.nn.init.normal_(network.up_projection.weight)
+    first, second = network(states.clone()), network(changed.clone())
+    assert torch.equal(first[0, :3], second[0, :3]) and torch.equal(first[1], second[1])  # earlier tokens: unchanged
+    assert not torch.equal(first[0, 4], second[0, 4])  # a later token sees it
+    # the running mean by hand: token t adds the mean of the summaries of tokens 0..t
+    network.sequence_context = "none"
+    own = network(states.clone())  # up_projection(summary) per token, no context
+    bias = network.up_projection.bias
+    running = (own - bias).cumsum(1) / torch.arange(1, 6).view(1, 5, 1)
+    assert torch.allclose(first, own + running, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_only_context_padding_cache_and_generation(kind):
+    from readapt.data import left_padded
+
+    model = get_read_model(tiny_backbone(kind), CONTEXT)
+    _randomise_up_projections(model)
+    model.eval()
+    batch = left_padded([[5, 6, 7, 8, 9], [9, 12]], pad_token_id=0)
+    alone = left_padded([[9, 12]], pad_token_id=0)
+    with torch.no_grad():  # left padding changes nothing: pads are outside every running mean
+        padded = model(**batch).logits[1, -2:]
+        single = model(**alone).logits[0]
+    assert torch.allclose(padded, single, atol=1e-5), (padded - single).abs().max()
+    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    # generate recomputes the sequence at each step (a running mean needs every earlier token), asked or not
+    generated = model.generate(**batch, use_cache=True, **settings)
+    assert torch.equal(generated, model.generate(**batch, use_cache=False, **settings))
+    with torch.no_grad():  # each generated token is what a full forward pass over the sequence predicts
+        for step in range(5):
+            prefix = generated[:, : batch["input_ids"].shape[1] + step]
+            mask = torch.cat([batch["attention_mask"], torch.ones(2, step, dtype=torch.long)], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=prefix, attention_mask=mask, position_ids=positions).logits[:, -1]
+            assert torch.equal(logits.argmax(-1), generated[:, prefix.shape[1]])
+    with pytest.raises(ConfigError, match="use_cache=False"):  # a KV cache continued by hand is refused
+        out = model(**alone, use_cache=True)
+        model(input_ids=torch.tensor([[4]]), cache=out.past_key_values, use_cache=True)
+
+
 def test_what_it_cannot_do_is_refused():
-    with pytest.raises(ConfigError, match="needs an adapted encoder stack"):
-        get_read_model(tiny_backbone("llama"), CONTEXT)
+    with pytest.raises(ConfigError, match="needs an adapted encoder stack or a decoder-only model"):
+        get_read_model(tiny_backbone("t5"), ReadConfig(hidden_size=16, sequence_context="mean", stacks=["decoder"]))
     with pytest.raises(ConfigError, match="sequence_context='max' is invalid"):
         ReadConfig(sequence_context="max")
     model = get_read_model(tiny_backbone("bert"), CONTEXT)

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                         help="--resume: continue this run's newest checkpoint (an error if there is none); "
                              "--no-resume: start over. Default: continue if there is one")
+    train.add_argument("--eval-before-training", action="store_true",
+                       help="score the dev split before the first step too (metrics.json initial_dev)")
     lm = train.add_argument_group("language-model backbones (decoder-only, seq2seq)")
     lm.add_argument("--decoder-head", choices=DECODER_HEADS, default="label-words",
                     help="decoder-only backbone on a classification/regression task: its LM head ranks the label "
@@ -286,6 +288,7 @@ def _train_config(args):
         device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder,
         checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, decoder_head=args.decoder_head,
+        eval_before_training=args.eval_before_training,
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       num_beams=args.num_beams),
@@ -304,6 +307,9 @@ def _run_train(args) -> None:
         print(f"\nreadapt train: resumed at step(s) {', '.join(map(str, metrics['resumed_at_steps']))}")
     best = metrics["best_dev"]
     print(f"\nreadapt train: {metrics['task']} with {metrics['method']} on {metrics['model']}")
+    if metrics.get("initial_dev"):
+        print("  before training: " + "; ".join(f"{split} " + ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items())
+                                                for split, m in metrics["initial_dev"].items()))
     print(f"  best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}: "
           + "; ".join(f"{split} " + ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items()) for split, m in best.items()))
     print(f"  train time {metrics['train_seconds']:.1f} s (wall {metrics['wall_seconds']:.1f} s with evaluation)")

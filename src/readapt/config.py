@@ -46,11 +46,13 @@ class ReadConfig:
     scaling: float = 1.0
     h0: str = "zeros"
     dropout: float = 0.0
-    # Encoder stacks: "mean" adds to every token's RNN summary the mean of the summaries of all real tokens of
-    # its sequence (padding excluded), so each token's correction sees the whole input. Without it each token is
-    # corrected from its own layer states only, and a head that reads one position ([CLS]) gets a correction
-    # computed from that position alone. No extra parameters. Decoder stacks: not supported yet (a causal
-    # version must carry a running sum through generation's KV cache).
+    # "mean" adds to every token's RNN summary the mean of the summaries of the real tokens of its sequence
+    # (padding excluded) that it can see: all of them in an encoder stack, itself and the ones before it in a
+    # decoder-only stack (a running mean, so nothing leaks from later tokens). Without it each token is corrected
+    # from its own layer states only, and a head that reads one position ([CLS], a decoder's last token) gets a
+    # correction computed from that position alone. No extra parameters. Not for the decoder of an
+    # encoder-decoder model. Decoder-only generation then recomputes the whole sequence at each new token
+    # (no KV cache): a running mean needs every earlier token's summary.
     sequence_context: str = "none"
     # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
     # gradients flow through the frozen decoder (more memory); it exists for ablations.

@@ -46,7 +46,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from readapt import __version__
-from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack, describe_backbone
+from readapt.backbone import DECODER_ONLY, ENCODER_DECODER, BackboneInfo, Stack, describe_backbone
 from readapt.cache import CachedCall
 from readapt.config import ReadConfig
 from readapt.errors import ConfigError, IncompatibleAdapterError
@@ -142,6 +142,16 @@ class _Adapter:
     labels: dict[str, Any]  # the backbone's label settings that go with these heads (see _label_settings)
 
 
+def _earlier_tokens_cached(kwargs: dict, tokens: int) -> bool:
+    """Whether a decoder stack's call continued a KV cache that holds tokens before this call's."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel() and int(position.reshape(-1)[0]) > 0:
+        return True
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renames it "cache"
+    length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    return length > tokens  # the stack has already appended this call's tokens
+
+
 def _clear_hooks(module: nn.Module) -> None:
     """A deep-copied module carries its original's hooks, which the original's handles would not remove."""
     for sub in module.modules():
@@ -211,9 +221,9 @@ class ReadModel(FrozenBackboneWrapper):
                 raise ConfigError(
                     f"ReadConfig.stacks names {name!r}, but this {info.family} model has only: {', '.join(available)}"
                 )
-        if config.sequence_context != "none" and "encoder" not in wanted:
-            raise ConfigError(f"ReadConfig.sequence_context={config.sequence_context!r} needs an adapted encoder stack; "
-                              f"this {info.family} model adapts only: {', '.join(wanted)} (decoder stacks: not yet)")
+        if config.sequence_context != "none" and "encoder" not in wanted and info.family != DECODER_ONLY:
+            raise ConfigError(f"ReadConfig.sequence_context={config.sequence_context!r} needs an adapted encoder stack "
+                              f"or a decoder-only model; this {info.family} model adapts only: {', '.join(wanted)}")
         if info.family == ENCODER_DECODER and wanted == ["encoder"] and not config.couple_encoder:
             raise ConfigError(
                 "ReadConfig.stacks=['encoder'] on an encoder-decoder model needs couple_encoder=True: "
@@ -239,11 +249,13 @@ class ReadModel(FrozenBackboneWrapper):
         encoder_dim = None
         if self.info.family == ENCODER_DECODER and config.encoder_context:
             encoder_dim = self.info.stacks[0].hidden_size
-        # Sequence context is for encoder stacks (ReadConfig.sequence_context); a decoder's side network goes without.
-        decoder_config = dataclasses.replace(config, sequence_context="none")
+        # Sequence context (ReadConfig.sequence_context): encoder stacks, and decoder-only stacks as a running mean;
+        # the decoder of an encoder-decoder model goes without.
+        causal = self.info.family == DECODER_ONLY
+        decoder_config = config if causal else dataclasses.replace(config, sequence_context="none")
         read = nn.ModuleDict({
             stack.name: ReadSideNetwork(stack.hidden_size, decoder_config if stack.name == "decoder" else config,
-                                        encoder_dim if stack.name == "decoder" else None)
+                                        encoder_dim if stack.name == "decoder" else None, causal=causal)
             for stack in self.adapted_stacks
         })
         # A backbone dispatched by Accelerate (split / offloaded): the device of the final hidden state.
@@ -441,7 +453,12 @@ class ReadModel(FrozenBackboneWrapper):
             if encoder_states is not None and encoder_states.shape[0] != final.shape[0]:
                 raise RuntimeError(f"READ encoder states have batch {encoder_states.shape[0]}, decoder has {final.shape[0]}")
         states, embeddings = capture.states, capture.embeddings
-        token_mask = self._token_mask(kwargs, final) if self.read[stack.name].sequence_context != "none" else None
+        token_mask = None
+        if self.read[stack.name].sequence_context != "none":
+            if self.read[stack.name].causal and _earlier_tokens_cached(kwargs, final.shape[1]):
+                raise ConfigError("this READ adapter's sequence context (a running mean over the tokens) needs every "
+                                  "earlier token in the same forward pass: call without a KV cache (use_cache=False)")
+            token_mask = self._token_mask(kwargs, final)
         positions = self._positions
         # correcting_positions: the side networks see those positions only (states that run_adapters kept are cut
         # already: fewer positions than the final state, or all of them, which cutting again leaves unchanged)
@@ -747,6 +764,9 @@ class ReadModel(FrozenBackboneWrapper):
     def generate(self, *args, **kwargs):
         if not (hasattr(self.backbone, "can_generate") and self.backbone.can_generate()):
             raise ConfigError(f"{self.info.architecture} cannot generate; generate() needs a seq2seq or causal LM backbone")
+        if self.info.family == DECODER_ONLY and self.read_config.sequence_context != "none":
+            # a running mean over the sequence needs every earlier token's summary at each step: recompute
+            kwargs["use_cache"] = False
         return self.backbone.generate(*args, **kwargs)
 
     def train(self, mode: bool = True):

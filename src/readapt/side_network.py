@@ -9,7 +9,8 @@ Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
          h0 = 0, or a projection of the embedding output φ_0,
          plus, on a decoder, attention context over the corrected encoder output (Joiner)
       -> aggregate over layers (mean or last)                  (B*T, r)
-      -> optional sequence context: + the mean summary of the sequence's real tokens (B, T, r)
+      -> optional sequence context: + the mean summary of the sequence's real tokens (B, T, r);
+         causal stacks (decoder-only): of the real tokens up to and including this one
       -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
 
 The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
@@ -61,9 +62,11 @@ class EncoderContext(nn.Module):
 
 
 class ReadSideNetwork(nn.Module):
-    def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None):
-        """`encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context."""
+    def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False):
+        """`encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context; `causal`
+        for a stack whose tokens see only earlier ones (decoder-only): its sequence context is a running mean."""
         super().__init__()
+        self.causal = causal
         r = config.hidden_size
         self.eps = config.rms_norm_eps
         self.scaling = config.scaling
@@ -139,10 +142,13 @@ class ReadSideNetwork(nn.Module):
 
         outputs, _ = self.rnn(x, h0)  # (N, B*T, r)
         summary = outputs.mean(dim=0) if self.aggregation == "mean" else outputs[-1]
-        if token_mask is not None:  # sequence context: what the whole input says, added to every token
+        if token_mask is not None:  # sequence context: what the input says, added to every token
             weights = token_mask.to(summary.dtype).view(batch, tokens, 1)
             per_token = summary.view(batch, tokens, -1)
-            context = (per_token * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+            if self.causal:  # what the input says so far: nothing a token could not see in the backbone either
+                context = (per_token * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
+            else:
+                context = (per_token * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
             summary = (per_token + context).view(batch * tokens, -1)
         delta = self.up_projection(self.dropout(summary)) * self.scaling
         return delta.view(batch, tokens, model_dim)

@@ -136,6 +136,9 @@ class TrainingConfig:
     # Decoder-only backbones on classification/regression tasks: "label-words" (the LM head ranks the label words
     # after a prompt) or "classifier" (a new sequence-classification head). Other backbones ignore it.
     decoder_head: str = "label-words"
+    # Score the dev split(s) once before training too (metrics.json "initial_dev"): the starting point, e.g. a
+    # decoder-only LM's zero-shot label-word accuracy (READ's untrained correction is exactly zero).
+    eval_before_training: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # how generation tasks are scored
 
     def validate(self) -> None:
@@ -170,6 +173,9 @@ class TrainingConfig:
             raise ConfigError(f"--cache-dtype={self.cache_dtype!r}; allowed: {', '.join(CACHE_DTYPES)}")
         if self.cache_max_gb is not None and not (self.cache_max_gb > 0 and math.isfinite(self.cache_max_gb)):
             raise ConfigError(f"--cache-max-gb={self.cache_max_gb} is out of range; it must be a positive number")
+        if self.cache_features and self.eval_before_training:
+            raise ConfigError("--eval-before-training cannot be combined with --cache-features (the cache is built "
+                              "at the start of the first epoch)")
         if self.cache_features and self.method != "read":
             why = ("LST's backbone states could be cached, but LST does not replay them yet" if self.method == "lst"
                    else f"with {self.method} the backbone's hidden states change during training (its weights are "
@@ -646,6 +652,7 @@ class _Progress:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     resumed_at_steps: list[int] = field(default_factory=list)
+    initial_dev: dict[str, Any] | None = None  # --eval-before-training: dev results before the first step
 
 
 def _debug_step_delay() -> float:
@@ -737,6 +744,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
         raise TrainingInterrupted(f"stopped by {stop.signal} at step {progress.step} with a checkpoint in "
                                   f"{run.checkpoints}; re-run the same command to resume")
 
+    if config.eval_before_training and progress.step == 0 and progress.initial_dev is None:
+        progress.initial_dev = evaluate(unwrapped, config.progress)  # before the meters: not part of training
+        logger.info("before training: dev %s", json.dumps(progress.initial_dev))
     meter = PeakMemoryMeter(accelerator.device)
     meter.start()
     clock = Stopwatch()
@@ -846,6 +856,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
                     "trained on --train-file, evaluated on --validation-file after every epoch; best epoch kept",
         "main_metric": task.main_metric,
         "best_epoch": best["epoch"], "best_dev": best["dev"], "best_score": best["score"],
+        "initial_dev": progress.initial_dev,  # --eval-before-training (else None)
         "epochs": progress.epochs,
         "train_seconds": progress.train_seconds,  # training steps only
         # CPU time of this process over the training steps (all threads): unlike wall time, it does not grow
