@@ -269,3 +269,9 @@ def test_cli_generation_flags(tiny_models, tmp_path, capsys):
     spec = json.loads((tmp_path / "run" / "adapter" / "task.json").read_text())
     assert spec["generation"] == {"max_new_tokens": 3, "do_sample": True, "temperature": 1.0, "top_p": 0.9,
                                   "top_k": 50, "num_beams": 1}
+    # readapt predict writes each generation adapter's completions (generated with the settings it was trained with)
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(tiny_models["llama-lm"]), "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--name", "copy", "--input", str(train_file), "--output", str(out), "--no-progress", "--cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and all(isinstance(r["copy"], str) and r["prompt"].startswith("copy") for r in rows)

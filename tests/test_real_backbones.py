@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import backward_with_counter
+from conftest import REAL_GLUE_DIR, backward_with_counter, needs_real_glue
 from readapt import ReadConfig, ReadModel, get_read_model
 from readapt.pretrained import embedded_backbone_dir, smollm2_gguf_file
+from readapt.training import DataConfig, TrainingConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +105,24 @@ def test_smollm2_invariants_generation_and_kv_cache(smollm2):
     without_cache = model.generate(**prompt, use_cache=False, **generation)
     assert torch.equal(with_cache, without_cache)
     model.unload()
+
+
+@needs_real_glue
+def test_smollm2_label_words_beat_the_untrained_model(tmp_path):
+    """A short real READ run on SST-2 through SmolLM2's own LM head (label words " negative" / " positive"):
+    the dev accuracy beats the backbone's zero-shot accuracy on the same rows (READ's untrained correction is
+    exactly zero, so --eval-before-training scores the untrained model). Measured on this 2-core CPU: 47.7 before,
+    57.0 / 58.6 / 57.8 after epochs 1-3 (256 rows, lr 1e-3, running-mean sequence context; per-token READ
+    learns the answer format but barely separates the classes in this budget: the last token's own states carry
+    little of the sentence's sentiment on a 135M model)."""
+    config = TrainingConfig(
+        data=DataConfig(task="sst2", data_dir=str(REAL_GLUE_DIR), max_train_samples=256, max_eval_samples=128),
+        model="smollm2", epochs=2, batch_size=8, eval_batch_size=32, max_length=96, lr=1e-3, progress=False,
+        output_dir=str(tmp_path / "run"), checkpoints=False, eval_before_training=True,
+        method_options={"hidden_size": 64, "sequence_context": "mean"})
+    metrics = train(config)
+    before = metrics["initial_dev"]["validation"]["accuracy"]
+    after = metrics["best_dev"]["validation"]["accuracy"]
+    assert after >= before + 0.05, (before, after)
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert json.loads((tmp_path / "run" / "adapter" / "task.json").read_text())["causal_lm"]
