@@ -177,6 +177,13 @@ def test_read_learns_a_tiny_copy_task(tiny_models, tmp_path, kind):
     assert again["validation"] == pytest.approx(dev)
 
 
+def test_an_encoder_decoder_takes_generation_tasks_too(tiny_models, tmp_path):
+    metrics = train(_generation_config(tmp_path, tiny_models["t5"], epochs=1))
+    assert set(metrics["best_dev"]["validation"]) == {"exact_match", "token_f1", "combined"}
+    spec = json.loads((tmp_path / "run" / "adapter" / "task.json").read_text())
+    assert spec["text_to_text"] and not spec["causal_lm"] and spec["task"]["is_generation"]
+
+
 def test_generated_text_is_what_generate_writes(tiny_models, tmp_path):
     loaded = load_backbone(str(tiny_models["llama-lm"]), 1, generation=True)
     assert loaded.causal_lm and loaded.text_to_text

@@ -121,7 +121,6 @@ class Collator:
             batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)
         return batch
 
-
     def _causal(self, features: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [list(f["input_ids"]) for f in features]
         if not self.with_answers:
