@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-ratio", type=float, default=0.06)
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--max-train-samples", type=_positive_int, help="train on a seeded random subset of N rows")
+    train.add_argument("--selection-fraction", type=float, metavar="F",
+                       help="hold out this share of the training rows (seeded) to pick the best epoch; the dev "
+                            "split is then only reported (default: select on dev, as the paper did)")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     train.add_argument("--num-processes", type=_positive_int, default=1,
@@ -256,6 +259,7 @@ def _data_config(args):
     return DataConfig(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
                       validation_file=args.validation_file, text_columns=columns, label_column=args.label_column,
                       task_type=args.task_type, max_train_samples=getattr(args, "max_train_samples", None),
+                      selection_fraction=getattr(args, "selection_fraction", None),
                       max_eval_samples=args.max_eval_samples)
 
 

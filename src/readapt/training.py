@@ -65,6 +65,7 @@ ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 RUN_FILE = "run.json"  # in the staging directory: which run its checkpoints belong to
+SELECTION_SPLIT = "selection"  # rows held out of train that pick the best epoch (DataConfig.selection_fraction)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class DataConfig:
     task_type: str = "auto"  # auto | classification | regression | generation
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Hold out this share of the training rows (seeded) as the "selection" split that picks the best epoch; the
+    # dev split(s) are then only reported, never used to choose (an honest estimate; GLUE's test labels are hidden).
+    selection_fraction: float | None = None
 
     def validate(self) -> None:
         if self.task_type == "generation":
@@ -94,6 +98,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
+            raise ConfigError(f"--selection-fraction={self.selection_fraction} is out of range; it must be in (0, 1)")
 
 
 @dataclass
@@ -221,6 +227,14 @@ def load_task_data(data: DataConfig, seed: int) -> tuple[Task, list[Example], di
         train = random.Random(seed).sample(train, data.max_train_samples)
     if data.max_eval_samples is not None:
         dev = {s: rows[: data.max_eval_samples] for s, rows in dev.items()}
+    if data.selection_fraction is not None:
+        count = round(len(train) * data.selection_fraction)
+        if not 1 <= count < len(train):
+            raise ConfigError(f"--selection-fraction {data.selection_fraction} of {len(train)} training rows leaves "
+                              f"{count} for selection and {len(train) - count} for training; both need at least one")
+        held_out = {id(e) for e in random.Random(f"selection-{seed}").sample(train, count)}
+        dev = {SELECTION_SPLIT: [e for e in train if id(e) in held_out], **dev}
+        train = [e for e in train if id(e) not in held_out]
     return task, train, dev
 
 
@@ -312,7 +326,10 @@ class DevEvaluator:
 
 
 def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
-    """Model selection: the task's main metric, averaged over its dev splits (MNLI: matched/mismatched)."""
+    """Model selection: the task's main metric on the selection split held out of train (--selection-fraction),
+    else averaged over its dev splits (MNLI: matched/mismatched)."""
+    if SELECTION_SPLIT in results:
+        return float(results[SELECTION_SPLIT][task.main_metric])
     return float(np.mean([r[task.main_metric] for r in results.values()]))
 
 
@@ -850,10 +867,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
     best = progress.best
     metrics = {
         "task": task.name, "method": config.method, "model": loaded.source,
-        "protocol": "trained on the task's train split (a seeded random subset if max_train_samples); "
-                    "evaluated on the GLUE dev set after every epoch; best epoch = highest dev main metric "
-                    "(dev-set selection)" if config.data.task else
-                    "trained on --train-file, evaluated on --validation-file after every epoch; best epoch kept",
+        "protocol": _protocol(config.data),
         "main_metric": task.main_metric,
         "best_epoch": best["epoch"], "best_dev": best["dev"], "best_score": best["score"],
         "initial_dev": progress.initial_dev,  # --eval-before-training (else None)
@@ -880,6 +894,17 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
     logger.info("done: best epoch %d, %s %.4f, %.1f s, peak memory %.1f MiB (%s)", best["epoch"], task.main_metric,
                 best["score"], metrics["train_seconds"], peak / 2**20, meter.name)
     return metrics
+
+
+def _protocol(data: DataConfig) -> str:
+    source = ("the task's train split (a seeded random subset if max_train_samples)" if data.task else "--train-file")
+    dev = "the GLUE dev set" if data.task else "--validation-file"
+    if data.selection_fraction is not None:
+        return (f"trained on {source} less a seeded {data.selection_fraction:g} held out as the 'selection' split; "
+                f"both it and {dev} evaluated after every epoch; best epoch = highest main metric on 'selection' "
+                f"({dev} only reported)")
+    return (f"trained on {source}; evaluated on {dev} after every epoch; best epoch = highest main metric there "
+            "(dev-set selection)")
 
 
 def _config_dict(config: TrainingConfig) -> dict[str, Any]:
