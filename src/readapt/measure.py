@@ -12,7 +12,8 @@ import time
 import torch
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in KiB; None where there is no such file or field."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -47,7 +48,7 @@ class PeakMemoryMeter:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.name = "peak RSS of the process during training (VmHWM, reset at training start)"
-            self.baseline_bytes = (_status_kib("VmRSS") or 0) * 1024
+            self.baseline_bytes = (status_kib("VmRSS") or 0) * 1024
         except OSError:
             self.name = "peak RSS of the process over its lifetime (ru_maxrss; includes loading)"
 
@@ -55,7 +56,7 @@ class PeakMemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
-        hwm = _status_kib("VmHWM") if "VmHWM" in self.name else None
+        hwm = status_kib("VmHWM") if "VmHWM" in self.name else None
         if hwm is not None:
             return hwm * 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
