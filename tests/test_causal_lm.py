@@ -78,6 +78,36 @@ def test_left_padding_changes_nothing(kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["read", "full", "lora", "bitfit", "adapter", "prompt", "lst"])
+def test_scoring_from_the_prompt_cache_equals_whole_sequences(kind, method, monkeypatch):
+    """Candidates continue the prompts' KV cache (one prompt pass, one pass for every candidate) where the model
+    computes a cached continuation exactly as the whole sequence; elsewhere each candidate reruns the prompt."""
+    import readapt.answers as answers
+    from readapt.methods import get_method
+
+    torch.manual_seed(3)
+    model = get_method(method).prepare(tiny_backbone(kind), {"hidden_size": 8} if method == "read" else {})
+    for parameter in (p for p in model.parameters() if p.requires_grad):  # a trained-looking model
+        torch.nn.init.normal_(parameter, std=0.1)
+    model.eval()
+    batch = left_padded([[5, 6, 7, 8, 9, 10, 11], [9, 12]], pad_token_id=0)
+    candidates = Candidates((0, 1, 2), ((13, 1), (20, 21, 1), (30,)))
+    assert answers._can_continue_a_kv_cache(model) == (method not in ("prompt", "lst"))
+    with torch.no_grad():
+        scores = candidate_scores(model, batch, candidates, causal=True)
+        monkeypatch.setattr(answers, "_can_continue_a_kv_cache", lambda model: False)
+        whole = candidate_scores(model, batch, candidates, causal=True)
+    assert torch.allclose(scores, whole, atol=1e-5), (scores - whole).abs().max()
+
+
+def test_running_mean_context_scores_whole_sequences():
+    import readapt.answers as answers
+
+    model = get_read_model(tiny_backbone("llama"), ReadConfig(hidden_size=8, sequence_context="mean"))
+    assert not answers._can_continue_a_kv_cache(model)  # a cached continuation would be refused
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generation_with_kv_cache_equals_without(kind):
     """READ corrects each new token from its own layer states, which the KV cache leaves unchanged."""
     model = get_read_model(tiny_backbone(kind), SMALL)

@@ -83,6 +83,8 @@ def _seq2seq_candidate_scores(model, batch: dict, candidates: Candidates) -> tor
 
 
 def _causal_candidate_scores(model, batch: dict, candidates: Candidates) -> torch.Tensor:
+    if _can_continue_a_kv_cache(model):
+        return _causal_scores_from_prompt_cache(model, batch, candidates)
     # Left-padded prompts: a candidate appended to every row ends all rows at the same position.
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     scores = []
@@ -94,6 +96,58 @@ def _causal_candidate_scores(model, batch: dict, candidates: Candidates) -> torc
         log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, answer.unsqueeze(-1)).squeeze(-1)
         scores.append(log_probs.sum(-1))
     return torch.stack(scores, dim=-1)
+
+
+# Methods whose model continues a KV cache exactly as it computes a whole sequence: the backbone's own layers
+# (full, LoRA, BitFit, adapters) or READ's per-token correction. Not prompt tuning (peft owns the cache's
+# virtual-token prefix), LST (its side network keeps no cache) or READ with a running-mean sequence context.
+_CACHE_SAFE_METHODS = ("lora", "bitfit", "adapter")
+
+
+def _can_continue_a_kv_cache(model) -> bool:
+    from readapt.model import ReadModel  # here: readapt.model imports this module's neighbours
+
+    inner = getattr(model, "module", model)
+    if isinstance(inner, ReadModel):
+        return inner.read_config.sequence_context == "none"
+    metadata = inner.__dict__.get("readapt_metadata")
+    if metadata is None:  # full fine-tuning (the backbone itself) or a plain transformers model
+        return hasattr(inner, "config") and not _prompt_learning(inner)
+    return metadata.get("method") in _CACHE_SAFE_METHODS
+
+
+def _causal_scores_from_prompt_cache(model, batch: dict, candidates: Candidates) -> torch.Tensor:
+    """The prompts run once (keeping their KV cache); then every candidate continues each prompt's cache in one
+    pass of batch × candidates rows, candidates right-padded (causal: padding after a token never changes it)."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    size, count = input_ids.shape[0], len(candidates.token_ids)
+    positions = batch.get("position_ids", (attention_mask.cumsum(-1) - 1).clamp(min=0))
+    prompt = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **_keep(model, 1))
+    cache = prompt.past_key_values  # None where READ replays shared stack states (run_adapters): nothing to continue
+    if cache is not None:
+        cache.batch_repeat_interleave(count)  # row i*count + k: prompt i, candidate k
+    longest = max(len(t) for t in candidates.token_ids)
+    answers = torch.zeros(count, longest, dtype=torch.long, device=input_ids.device)
+    answer_mask = torch.zeros(count, longest, dtype=torch.long, device=input_ids.device)
+    for k, token_ids in enumerate(candidates.token_ids):
+        answers[k, : len(token_ids)] = torch.tensor(token_ids, device=input_ids.device)
+        answer_mask[k, : len(token_ids)] = 1
+    answers, answer_mask = answers.repeat(size, 1), answer_mask.repeat(size, 1)
+    full_mask = torch.cat([attention_mask.repeat_interleave(count, 0), torch.ones_like(answers)], dim=1)
+    answer_positions = positions[:, -1:].repeat_interleave(count, 0) + 1 + torch.arange(longest, device=answers.device)
+    logits = model(input_ids=answers, attention_mask=full_mask, position_ids=answer_positions, cache=cache,
+                   use_cache=True).logits
+    # the first answer token is predicted by the prompt's last position, the others by the answer before them
+    first = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(count, 0)
+    rest = logits[:, :-1].float().log_softmax(-1)
+    log_probs = torch.cat([first.gather(-1, answers[:, :1]),
+                           rest.gather(-1, answers[:, 1:].unsqueeze(-1)).squeeze(-1)], dim=1)
+    return (log_probs * answer_mask).sum(-1).view(size, count)
+
+
+def _keep(model, keep: int) -> dict:
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters else {}
 
 
 @torch.no_grad()
