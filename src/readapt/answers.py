@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from readapt.config import GenerationSettings
 from readapt.data import IGNORE_INDEX, Candidates
 from readapt.errors import ConfigError
+from readapt.model import ReadModel
 
 
 def base_model(model):
@@ -105,8 +106,6 @@ _CACHE_SAFE_METHODS = ("lora", "bitfit", "adapter")
 
 
 def _can_continue_a_kv_cache(model) -> bool:
-    from readapt.model import ReadModel  # here: readapt.model imports this module's neighbours
-
     inner = getattr(model, "module", model)
     if isinstance(inner, ReadModel):
         return inner.read_config.sequence_context == "none"
