@@ -225,6 +225,22 @@ def test_generated_text_is_what_generate_writes(tiny_models, tmp_path):
     assert texts == [t.strip() for t in tokenizer.batch_decode(raw, skip_special_tokens=True)]
 
 
+def test_generation_stops_at_the_trained_end_token_and_the_models_own(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama-lm"])  # its end-of-answer token: [SEP] = 102
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        generation_config = type("GenerationConfig", (), {"eos_token_id": [1, 7]})()
+
+        def generate(self, input_ids, **kwargs):
+            seen.update(kwargs)
+            return torch.cat([input_ids, torch.tensor([[1037, 102]])], dim=1)
+
+    batch = left_padded([[101, 2000]], pad_token_id=0)
+    assert generate_texts(Recorder(), batch, tokenizer, GenerationSettings(), causal=True) == ["a"]
+    assert seen["eos_token_id"] == [1, 7, 102] and seen["max_new_tokens"] == 32 and seen["do_sample"] is False
+
+
 @needs_real_glue
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_method_trains_a_causal_lm_with_label_words(tiny_models, tmp_path, method):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from readapt.config import GenerationSettings
-from readapt.data import IGNORE_INDEX, Candidates
+from readapt.data import IGNORE_INDEX, Candidates, end_of_answer_id
 from readapt.errors import ConfigError
 from readapt.model import ReadModel
 
@@ -155,6 +155,11 @@ def generate_texts(model, batch: dict, tokenizer, settings: GenerationSettings, 
     if not hasattr(model, "generate"):
         raise ConfigError(f"{type(model).__name__} cannot generate; generation tasks need a model with generate()")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    output = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+    stop = {}
+    if causal:  # stop at the token training put after every answer, as well as at the model's own EOS
+        configured = getattr(getattr(base_model(model), "generation_config", None), "eos_token_id", None)
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        stop["eos_token_id"] = sorted({*ids, end_of_answer_id(tokenizer)})
+    output = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id, **stop)
     new_tokens = output[:, inputs["input_ids"].shape[1]:] if causal else output  # a decoder-only LM repeats the prompt
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
