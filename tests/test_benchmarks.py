@@ -42,3 +42,13 @@ def test_step_time_benchmark_runs(capsys):
     results = _load("step_time").main(["--batch-size", "2", "--length", "16", "--repeats", "1"])
     assert len(results) == 4 and all(seconds > 0 for seconds in results.values())
     assert "READ step, default config" in capsys.readouterr().out
+
+
+@needs_real_glue
+def test_label_word_scoring_benchmark_runs(tiny_models, capsys):
+    results = _load("label_word_scoring").main(["--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["gpt2-lm"]),
+                                                "--tasks", "sst2", "--rows", "8", "--batch-size", "4"])
+    cached, whole = results
+    assert (cached["scoring"], whole["scoring"]) == ("prompt cache", "whole sequences")
+    assert cached["metrics"] == whole["metrics"]  # the same scores either way
+    assert "prompt cache" in capsys.readouterr().out
