@@ -43,9 +43,7 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posi
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **no_kv_cache(model)}
     if position_ids is not None and not _prompt_learning(model):  # peft's prompt tuning ignores them, with a warning
         kwargs["position_ids"] = position_ids
-    if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters:
-        kwargs["logits_to_keep"] = keep
-    return model(**kwargs).logits[:, -keep:]
+    return model(**kwargs, **_keep(model, keep)).logits[:, -keep:]
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,6 +144,7 @@ def _causal_scores_from_prompt_cache(model, batch: dict, candidates: Candidates)
 
 
 def _keep(model, keep: int) -> dict:
+    """Ask for the last `keep` positions' logits only, where the model can (transformers' logits_to_keep)."""
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters else {}
 
 
