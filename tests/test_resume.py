@@ -153,12 +153,17 @@ def _stop_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(training, "save_checkpoint", crash)
 
 
+def _crash_at_step(monkeypatch, tiny_models, out, step: int) -> None:
+    """A run that crashes at optimizer step `step` (exit 130, checkpoints before it kept), then normal code again."""
+    _stop_at_step(monkeypatch, step)
+    assert _train(tiny_models, out) == 130
+    monkeypatch.undo()
+
+
 @needs_real_glue
 def test_crash_keeps_checkpoints_and_rerun_resumes(tiny_models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    _stop_at_step(monkeypatch, 4)
-    assert _train(tiny_models, out) == 130
-    monkeypatch.undo()
+    _crash_at_step(monkeypatch, tiny_models, out, 4)
     staging = tmp_path / ".run.partial"
     assert [step for step, _ in list_checkpoints(staging / "checkpoints")] == [3, 4]  # keep 2
     assert not out.exists()
@@ -178,9 +183,7 @@ def test_crash_keeps_checkpoints_and_rerun_resumes(tiny_models, tmp_path, monkey
 @needs_real_glue
 def test_torn_newest_checkpoint_falls_back_to_the_previous(tiny_models, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _stop_at_step(monkeypatch, 4)
-    assert _train(tiny_models, out) == 130
-    monkeypatch.undo()
+    _crash_at_step(monkeypatch, tiny_models, out, 4)
     checkpoints = tmp_path / ".run.partial" / "checkpoints"
     newest = checkpoints / "checkpoint-00000004" / "optimizer.safetensors"
     newest.write_bytes(newest.read_bytes()[:-10])  # truncated
@@ -194,9 +197,7 @@ def test_torn_newest_checkpoint_falls_back_to_the_previous(tiny_models, tmp_path
 @needs_real_glue
 def test_checkpoints_of_another_run_are_not_resumed_or_discarded(tiny_models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    _stop_at_step(monkeypatch, 2)
-    assert _train(tiny_models, out) == 130
-    monkeypatch.undo()
+    _crash_at_step(monkeypatch, tiny_models, out, 2)
     capsys.readouterr()
     assert _train(tiny_models, out, "--lr", "5e-4") == 2  # other settings: refused, checkpoints kept
     err = capsys.readouterr().err.strip()
@@ -212,9 +213,7 @@ def test_resume_flags(tiny_models, tmp_path, monkeypatch, capsys):
     assert _train(tiny_models, out, "--resume") == 2
     assert "--resume: no valid checkpoint of this run" in capsys.readouterr().err
     assert not out.exists()
-    _stop_at_step(monkeypatch, 2)
-    assert _train(tiny_models, out) == 130
-    monkeypatch.undo()
+    _crash_at_step(monkeypatch, tiny_models, out, 2)
     assert _train(tiny_models, out, "--no-resume") == 0  # starts over
     assert json.loads((out / "metrics.json").read_text())["resumed_at_steps"] == []
 

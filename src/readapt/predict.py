@@ -54,7 +54,7 @@ from readapt.io import atomic_write_text
 from readapt.model import ReadModel, read_adapter_metadata
 from readapt.task_spec import TaskSpec, read_task_file
 from readapt.tasks import Example
-from readapt.tasks._io import delimited_records, quote_value, read_lines
+from readapt.tasks._io import delimited_records, jsonl_records, quote_value
 
 INPUT_FORMATS = (".csv", ".tsv", ".jsonl")
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -285,16 +285,7 @@ def read_rows(path: str | Path, needed: Sequence[str], needed_by=None) -> tuple[
     if file_format == ".jsonl":
         columns: list[str] = []
         rows = []
-        for number, line in read_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}, character {error.colno}: invalid JSON ({error.msg}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        for number, record in jsonl_records(path):
             for column in needed:
                 if column not in record:
                     raise missing(column, list(record), f"{path}, line {number}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,22 @@ def delimiter_hint(path: Path, columns: tuple[str, ...]) -> str:
             wanted = "tabs" if ".tsv" in path.name else "commas"
             return f" (the header looks delimited by {name}; a {path.name} file here must use {wanted})"
     return ""
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; invalid JSON or a non-object is a
+    one-line DataError naming the line."""
+    for line_number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {line_number}, character {error.colno}: invalid JSON ({error.msg}); "
+                            "expected one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+        yield line_number, record
 
 
 def delimited_records(path: Path, file_format: str) -> tuple[int, tuple[str, ...], Iterator[tuple[int, list[str]]]]:

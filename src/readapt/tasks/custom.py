@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from readapt.errors import DataError
-from readapt.tasks._io import delimited_records, delimiter_hint, quote_value, read_lines
+from readapt.tasks._io import delimited_records, delimiter_hint, jsonl_records, quote_value
 from readapt.tasks.base import Example, Task
 
 TaskType = Literal["auto", "classification", "regression", "generation"]
@@ -164,20 +164,7 @@ def _column_position(path: Path, columns: tuple[str, ...], name: str) -> int:
 
 
 def _read_jsonl(path: Path, text_columns: tuple[str, ...], label_column: str) -> Iterator[_Row]:
-    for line_number, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}, line {line_number}, character {error.colno}: invalid JSON ({error.msg}); "
-                "expected one JSON object per line"
-            ) from None
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}"
-            )
+    for line_number, record in jsonl_records(path):
         for key in (*text_columns, label_column):
             if key not in record:
                 found = ", ".join(repr(existing) for existing in record)
