@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-train-samples", type=_positive_int, help="seeded random training subset per task")
     bench.add_argument("--max-eval-samples", type=_positive_int, help="score only the first N dev rows")
     bench.add_argument("--epochs", type=_positive_int, default=3)
+    bench.add_argument("--method-epochs", action="append", default=[], metavar="METHOD=N",
+                       help="epochs for one method (repeatable; e.g. read=10), else --epochs")
+    bench.add_argument("--selection-fraction", type=float,
+                       help="hold this fraction of the training subset out to pick the best epoch; the dev set is "
+                            "then only reported (default: dev-set selection, as in the READ paper)")
+    bench.add_argument("--cache-features", action="store_true", help="READ cells use the feature cache")
+    bench.add_argument("--cache-dir", help="feature cache folder for READ cells (default: $READAPT_CACHE_DIR)")
     bench.add_argument("--batch-size", type=_positive_int, default=32)
     bench.add_argument("--max-length", type=_positive_int, default=128)
     bench.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE",
@@ -383,8 +390,15 @@ def _run_bench(args) -> None:
             method_options.setdefault(method, {})[key] = json.loads(value)
         except json.JSONDecodeError:
             method_options.setdefault(method, {})[key] = value
+    method_epochs = {}
+    for item in args.method_epochs:
+        method, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ReadaptError(f"--method-epochs {item!r}: expected METHOD=N, e.g. read=10")
+        method_epochs[method.strip()] = int(value)
     config = BenchConfig(
-        output_dir=args.output_dir, tasks=_comma_list(args.tasks, "tasks"), methods=_comma_list(args.methods, "methods"),
+        output_dir=args.output_dir, method_epochs=method_epochs, selection_fraction=args.selection_fraction,
+        cache_features=args.cache_features, cache_dir=args.cache_dir, tasks=_comma_list(args.tasks, "tasks"), methods=_comma_list(args.methods, "methods"),
         seeds=_comma_list(args.seeds, "seeds", int), baseline_seeds=args.baseline_seeds, model=args.model,
         data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, learning_rates=learning_rates,

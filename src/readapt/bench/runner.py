@@ -41,6 +41,12 @@ class BenchConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     epochs: int = 3
+    method_epochs: dict[str, int] = field(default_factory=dict)  # method -> epochs (else `epochs`)
+    # Hold this fraction of the training subset out as a "selection" split that picks the best epoch; the GLUE dev
+    # set is then only reported (honest selection). None: the best epoch on the dev set (the READ paper's protocol).
+    selection_fraction: float | None = None
+    cache_features: bool = False  # READ cells replay the backbone's states from the feature cache (readapt.cache)
+    cache_dir: str | None = None
     batch_size: int = 32
     max_length: int = 128
     learning_rates: dict[str, float] = field(default_factory=dict)  # method -> lr (else the method's default)
@@ -66,6 +72,13 @@ class BenchConfig:
         for name in ("epochs", "batch_size", "jobs", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        for method, epochs in self.method_epochs.items():
+            if method not in self.methods:
+                raise ConfigError(f"--method-epochs names method {method!r}, which is not in --methods")
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ConfigError(f"--method-epochs {method}={epochs!r}: epochs must be an integer >= 1")
+        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
+            raise ConfigError(f"--selection-fraction={self.selection_fraction} is out of range; it must be in (0, 1)")
         if self.baseline_seeds is not None and self.baseline_seeds < 1:
             raise ConfigError("--baseline-seeds must be >= 1")
         if any(b < 1 for b in self.memory_batch_sizes):
@@ -75,6 +88,9 @@ class BenchConfig:
         if method in SIDE_NETWORK_METHODS or self.baseline_seeds is None:
             return list(self.seeds)
         return list(self.seeds[: self.baseline_seeds])
+
+    def epochs_for(self, method: str) -> int:
+        return self.method_epochs.get(method, self.epochs)
 
     def threads(self) -> int:
         return self.threads_per_job or max(1, (os.cpu_count() or 1) // self.jobs)
@@ -99,7 +115,9 @@ def plan(config: BenchConfig) -> list[dict[str, Any]]:
                     **common, "action": "run", "kind": "run", "task": task, "method": method, "seed": seed,
                     "run_dir": str(output / "runs" / f"{task}-{method}-seed{seed}"),
                     "max_train_samples": config.max_train_samples, "max_eval_samples": config.max_eval_samples,
-                    "epochs": config.epochs, "batch_size": config.batch_size,
+                    "selection_fraction": config.selection_fraction,
+                    "cache_features": config.cache_features and method == "read", "cache_dir": config.cache_dir,
+                    "epochs": config.epochs_for(method), "batch_size": config.batch_size,
                     "lr": config.learning_rates.get(method), "method_options": config.method_options.get(method, {}),
                 })
     for method in config.methods:
@@ -190,11 +208,20 @@ def protocol_notes(config: BenchConfig) -> list[str]:
     """The lines that say how the numbers under the table were made."""
     subset = f"a seeded random subset of {config.max_train_samples} training rows" if config.max_train_samples else \
         "the full training split"
+    epochs = f"{config.epochs} epochs" + "".join(f", {m} {n}" for m, n in config.method_epochs.items())
+    if config.selection_fraction is None:
+        selection = ("evaluates on the GLUE dev set after every epoch and reports the best epoch (dev-set selection, "
+                     "as in the READ paper)")
+    else:
+        selection = (f"holds a seeded {config.selection_fraction:g} of that subset out as a selection split, trains "
+                     "on the rest, picks the epoch that scores best on the selection split and reports the GLUE dev "
+                     "set's score at that epoch (the dev set picks nothing)")
+    cache = " READ cells replay the backbone's states from the feature cache (--cache-features)." \
+        if config.cache_features and "read" in config.methods else ""
     return [
-        f"Protocol: each cell trains on {subset} for {config.epochs} epochs (batch {config.batch_size}, max length "
-        f"{config.max_length}, linear warm-up/decay, AdamW), evaluates on the GLUE dev set after every epoch and "
-        "reports the best epoch (dev-set selection, as in the READ paper); score = the task's main GLUE metric on "
-        "0-100, the mean of the two where GLUE has two.",
+        f"Protocol: each cell trains on {subset} for {epochs} (batch {config.batch_size}, max length "
+        f"{config.max_length}, linear warm-up/decay, AdamW), {selection}; score = the task's main GLUE metric on "
+        f"0-100, the mean of the two where GLUE has two.{cache}",
         f"Seeds: {', '.join(map(str, config.seeds))} for {', '.join(m for m in config.methods if m in SIDE_NETWORK_METHODS)}; "
         f"{', '.join(map(str, config.seeds_for('lora')))} for the other methods.",
         "Learning rates: " + ", ".join(f"{m} {config.learning_rates.get(m, METHODS[m].default_lr):g}" for m in config.methods)

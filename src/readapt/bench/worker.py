@@ -35,11 +35,12 @@ def run_training(spec: dict) -> dict[str, Any]:
     import torch
 
     from readapt.energy import EnergyMeter
-    from readapt.training import DataConfig, TrainingConfig, train
+    from readapt.training import SELECTION_SPLIT, DataConfig, TrainingConfig, train
 
     config = TrainingConfig(
         data=DataConfig(task=spec["task"], data_dir=spec.get("data_dir"), max_train_samples=spec.get("max_train_samples"),
-                        max_eval_samples=spec.get("max_eval_samples")),
+                        max_eval_samples=spec.get("max_eval_samples"), selection_fraction=spec.get("selection_fraction")),
+        cache_features=spec.get("cache_features", False), cache_dir=spec.get("cache_dir"),
         model=spec.get("model"), method=spec["method"], method_options=spec.get("method_options", {}),
         output_dir=spec["run_dir"], overwrite=True, epochs=spec["epochs"], batch_size=spec["batch_size"],
         lr=spec.get("lr"), max_length=spec["max_length"], seed=spec["seed"], cpu=spec.get("cpu", False),
@@ -54,10 +55,20 @@ def run_training(spec: dict) -> dict[str, Any]:
     metrics = train(config)
     reading = energy.stop()
     inference = _measure_in_fresh_process({**spec, "action": "inference"}, Path(spec["run_dir"]) / "inference.json")
-    scores = {k: 100.0 * v for split in metrics["best_dev"].values() for k, v in split.items()}
+    # Reported: the dev split(s) at the best epoch; the selection split (if any) only picked that epoch.
+    reported = {split: values for split, values in metrics["best_dev"].items() if split != SELECTION_SPLIT}
+    scores = {k: 100.0 * v for split in reported.values() for k, v in split.items()}
+    main = metrics["main_metric"]
+    selection = metrics["best_dev"].get(SELECTION_SPLIT)
     return {
         "kind": "run", "task": spec["task"], "method": spec["method"], "seed": spec["seed"], "model": metrics["model"],
-        "score": 100.0 * metrics["best_score"], "main_metric": metrics["main_metric"], "metrics": scores,
+        "score": 100.0 * sum(v[main] for v in reported.values()) / len(reported), "main_metric": main, "metrics": scores,
+        "selection_score": None if selection is None else 100.0 * selection[main],
+        # per epoch: the dev score (reported) and, with a selection split, the score that picked the best epoch
+        "epoch_dev_scores": [100.0 * sum(v[main] for k, v in e["dev"].items() if k != SELECTION_SPLIT)
+                             / len(reported) for e in metrics["epochs"]],
+        "epoch_selection_scores": [100.0 * e["dev"][SELECTION_SPLIT][main] for e in metrics["epochs"]]
+        if selection is not None else None,
         "best_epoch": metrics["best_epoch"], "epochs": spec["epochs"],
         "peak_memory_mb": metrics["peak_memory_bytes"] / 2**20, "memory_meter": metrics["peak_memory_meter"],
         # what the process held when training began (libraries, weights, data): peak minus this is what
