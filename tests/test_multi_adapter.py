@@ -189,6 +189,29 @@ def test_cls_only_correction_equals_full_correction(bert_adapters, tmp_path):
         pass
 
 
+def test_pooled_context_adapters_share_a_cls_only_pass(bert_adapters, tmp_path):
+    """Adapters with the "pooled" sequence context next to per-token ones: one backbone pass, side networks on
+    [CLS] and the pooled sequence (taken over every real token before the states are cut), the logits of each
+    adapter alone with its full correction (1e-5: fewer rows in the matrix products)."""
+    folder, adapters, batch = bert_adapters
+    pooled = {"p1": tmp_path / "p1", "p2": tmp_path / "p2"}
+    for seed, directory in enumerate(pooled.values()):
+        torch.manual_seed(seed)
+        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context="pooled"),
+                        _labelled(batch, 2), directory)
+    model = ReadModel.from_pretrained(_bert(folder, 2), pooled["p1"], adapter_name="p1")
+    model.load_adapter(pooled["p2"], "p2")
+    model.load_adapter(adapters["two"], "two")
+    alone = {name: _alone(_bert(folder, 2), directory, batch) for name, directory in {**pooled, "two": adapters["two"]}.items()}
+    counter = LayerCounter(model)
+    with model.correcting_positions(slice(0, 1)):
+        shared = model.forward_adapters(**batch)
+    counter.close()
+    assert counter.calls == 1
+    for name, logits in shared.items():
+        torch.testing.assert_close(logits.logits, alone[name], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- managing adapters
 def test_set_list_delete_and_save(bert_adapters, tmp_path):
     folder, adapters, batch = bert_adapters

@@ -1,7 +1,9 @@
-"""READ's sequence context (ReadConfig.sequence_context="mean"): every token's correction sees the mean RNN
-summary of its sequence's real tokens (decoder-only stacks: of those up to and including it, a running mean). Invariants: padding changes nothing, an untrained model is still exactly
-the backbone, no gradient reaches the backbone, chunked recomputation gives the same gradients, the feature
-cache replays it exactly, and what it cannot do is refused."""
+"""READ's sequence context: every token's correction sees its sequence's real tokens (decoder-only stacks: those up
+to and including it, a running mean). "mean": the mean of their RNN summaries; "pooled": the RNN's summary of the
+per-layer mean of their raw states. Invariants, for both: padding changes nothing, an untrained model is still
+exactly the backbone, no gradient reaches the backbone, chunked recomputation gives the same gradients, the
+feature cache replays it exactly, and what it cannot do is refused. "pooled" also: computed by hand, and a head
+that reads [CLS] gets the same logits when the side network runs on [CLS] and the pooled sequence only."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from readapt import ReadConfig, get_read_model
 from readapt.errors import ConfigError
 from readapt.side_network import ReadSideNetwork
 
+CONTEXTS = ("mean", "pooled")
 CONTEXT = ReadConfig(hidden_size=16, sequence_context="mean")
+
+
+def _config(context: str, **overrides) -> ReadConfig:
+    return ReadConfig(hidden_size=16, sequence_context=context, **overrides)
 
 
 def _randomise_up_projections(model) -> None:
@@ -32,7 +39,7 @@ def test_side_network_mixes_tokens_only_with_context():
     states = torch.randn(3, 2, 5, 8)  # N layers, B, T, d
     changed = states.clone()
     changed[:, 0, 4] += 1.0  # another token of sequence 0
-    for context, mixes in (("none", False), ("mean", True)):
+    for context, mixes in (("none", False), ("mean", True), ("pooled", True)):
         network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context=context)).eval()
         torch.nn.init.normal_(network.up_projection.weight)
         first, second = network(states.clone()), network(changed.clone())
@@ -41,8 +48,9 @@ def test_side_network_mixes_tokens_only_with_context():
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5"])
-def test_padding_changes_nothing(kind):
-    model = get_read_model(tiny_backbone(kind), CONTEXT)
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_padding_changes_nothing(kind, context):
+    model = get_read_model(tiny_backbone(kind), _config(context))
     _randomise_up_projections(model)
     model.eval()
     torch.manual_seed(2)
@@ -55,7 +63,8 @@ def test_padding_changes_nothing(kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5"])
-def test_untrained_is_the_backbone_and_training_leaves_it_alone(kind):
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_untrained_is_the_backbone_and_training_leaves_it_alone(kind, context):
     backbone = tiny_backbone(kind)
     ids = torch.randint(3, 20, (2, 6))
     mask = torch.ones_like(ids)
@@ -63,7 +72,7 @@ def test_untrained_is_the_backbone_and_training_leaves_it_alone(kind):
     with torch.no_grad():
         expected = backbone(input_ids=ids, attention_mask=mask, **_decoder_inputs(kind, 2)).logits
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
-    model = get_read_model(backbone, CONTEXT)
+    model = get_read_model(backbone, _config(context))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, **_decoder_inputs(kind, 2)).logits, expected)
 
@@ -85,7 +94,8 @@ def test_untrained_is_the_backbone_and_training_leaves_it_alone(kind):
             assert torch.equal(value, frozen[key]), key
 
 
-def test_chunked_recomputation_gives_the_same_gradients():
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_chunked_recomputation_gives_the_same_gradients(context):
     torch.manual_seed(0)
     states = torch.randn(3, 4, 6, 8)
     mask = torch.ones(4, 6)
@@ -93,7 +103,7 @@ def test_chunked_recomputation_gives_the_same_gradients():
     grads = []
     for recompute in (False, True):
         torch.manual_seed(5)
-        network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context="mean", recompute=recompute,
+        network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context=context, recompute=recompute,
                                                 recompute_chunk_tokens=6))  # one sequence per chunk
         torch.nn.init.normal_(network.up_projection.weight)
         network.train()
@@ -103,8 +113,9 @@ def test_chunked_recomputation_gives_the_same_gradients():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
 
 
-def test_feature_cache_replay_equals_live():
-    model = get_read_model(tiny_backbone("bert"), CONTEXT)
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_feature_cache_replay_equals_live(context):
+    model = get_read_model(tiny_backbone("bert"), _config(context))
     _randomise_up_projections(model)
     model.eval()
     ids = torch.randint(3, 20, (3, 6))
@@ -122,16 +133,19 @@ def test_feature_cache_replay_equals_live():
     assert torch.equal(live, replayed)
 
 
-def test_causal_context_never_looks_ahead():
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_causal_context_never_looks_ahead(context):
     torch.manual_seed(0)
     states = torch.randn(3, 2, 5, 8)
     changed = states.clone()
     changed[:, 0, 3] += 1.0  # token 3 of sequence 0
-    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context="mean"), causal=True).eval()
+    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context=context), causal=True).eval()
     torch.nn.init.normal_(network.up_projection.weight)
     first, second = network(states.clone()), network(changed.clone())
     assert torch.equal(first[0, :3], second[0, :3]) and torch.equal(first[1], second[1])  # earlier tokens: unchanged
     assert not torch.equal(first[0, 4], second[0, 4])  # a later token sees it
+    if context == "pooled":
+        return  # computed by hand in test_pooled_context_by_hand
     # the running mean by hand: token t adds the mean of the summaries of tokens 0..t
     network.sequence_context = "none"
     own = network(states.clone())  # up_projection(summary) per token, no context
@@ -140,11 +154,12 @@ def test_causal_context_never_looks_ahead():
     assert torch.allclose(first, own + running, atol=1e-5)
 
 
+@pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_decoder_only_context_padding_cache_and_generation(kind):
+def test_decoder_only_context_padding_cache_and_generation(kind, context):
     from readapt.data import left_padded
 
-    model = get_read_model(tiny_backbone(kind), CONTEXT)
+    model = get_read_model(tiny_backbone(kind), _config(context))
     _randomise_up_projections(model)
     model.eval()
     batch = left_padded([[5, 6, 7, 8, 9], [9, 12]], pad_token_id=0)
@@ -175,7 +190,7 @@ def test_what_it_cannot_do_is_refused():
     with pytest.raises(ConfigError, match="sequence_context='max' is invalid"):
         ReadConfig(sequence_context="max")
     model = get_read_model(tiny_backbone("bert"), CONTEXT)
-    with pytest.raises(ConfigError, match="use sequence context"), model.correcting_positions(slice(0, 1)):
+    with pytest.raises(ConfigError, match="'mean' sequence context"), model.correcting_positions(slice(0, 1)):
         pass
 
 
@@ -185,3 +200,51 @@ def test_command_line_flag_reaches_the_config():
     args = build_parser().parse_args(["train", "--task", "sst2", "--read-sequence-context", "mean"])
     assert _train_config(args).method_options == {"sequence_context": "mean"}
     assert build_parser().parse_args(["train", "--task", "sst2"]).read_sequence_context is None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pooled_context_by_hand(causal):
+    """δ_t = up(agg RNN(rms(proj φ_t)) + agg RNN(proj rms(mean of the real tokens' raw φ))) * scaling."""
+    torch.manual_seed(0)
+    states = torch.randn(3, 2, 5, 8) * 3
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, sequence_context="pooled", scaling=0.5), causal=causal)
+    network.eval()
+    torch.nn.init.normal_(network.up_projection.weight)
+    delta = network(states.clone(), token_mask=mask)
+
+    def summary(x):  # (N, S, d) -> (S, r): the RNN over the layers, mean over them
+        return network.rnn(network.input_projection(x))[0].mean(0)
+
+    def rms(x):
+        return x / x.pow(2).mean(-1, keepdim=True).add(network.eps).sqrt()
+
+    for row in range(2):
+        for token in range(5):
+            if mask[row, token] == 0:
+                continue
+            seen = [t for t in range(5) if mask[row, t] == 1 and (not causal or t <= token)]
+            pooled = states[:, row, seen].mean(1)
+            own = summary(rms(states[:, row, token])[:, None])[0]
+            context = summary(rms(pooled)[:, None])[0]
+            expected = network.up_projection(own + context) * 0.5
+            assert torch.allclose(delta[row, token], expected, atol=1e-5), (row, token)
+
+
+def test_pooled_context_corrects_cls_alone():
+    """A BERT classifier reads [CLS]: with the pooled context, correcting [CLS] alone (from the pooled sequence
+    over every real token) gives the full correction's logits (shared passes: tests/test_multi_adapter.py)."""
+    model = get_read_model(tiny_backbone("bert"), _config("pooled"))
+    _randomise_up_projections(model)
+    model.eval()
+    torch.manual_seed(3)
+    ids = torch.randint(3, 20, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        assert model.head_reads_only(slice(0, 1), input_ids=ids, attention_mask=mask)
+        with model.correcting_positions(slice(0, 1)):
+            cls_only = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(full, cls_only, atol=1e-5), (full - cls_only).abs().max()

@@ -120,12 +120,14 @@ class CachedCall:
     states: torch.Tensor  # (N, B, T, d)
     final: torch.Tensor  # (B, T, d): the stack's output
     embeddings: torch.Tensor | None  # (B, T, d)
+    # READ's "pooled" context, (N, B, 1, d), when `states` hold some positions only (ReadModel.correcting_positions)
+    pooled: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> CachedCall:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return CachedCall(self.stack, move(self.states), move(self.final), move(self.embeddings))
+        return CachedCall(self.stack, move(self.states), move(self.final), move(self.embeddings), move(self.pooled))
 
 
 class CachedBatch:

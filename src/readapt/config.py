@@ -14,7 +14,7 @@ from readapt.errors import ConfigError
 RNN_TYPES = ("gru", "lstm", "rnn")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
-SEQUENCE_CONTEXTS = ("none", "mean")
+SEQUENCE_CONTEXTS = ("none", "mean", "pooled")
 STACK_NAMES = ("encoder", "decoder")
 # Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
@@ -46,13 +46,16 @@ class ReadConfig:
     scaling: float = 1.0
     h0: str = "zeros"
     dropout: float = 0.0
-    # "mean" adds to every token's RNN summary the mean of the summaries of the real tokens of its sequence
-    # (padding excluded) that it can see: all of them in an encoder stack, itself and the ones before it in a
-    # decoder-only stack (a running mean, so nothing leaks from later tokens). Without it each token is corrected
-    # from its own layer states only, and a head that reads one position ([CLS], a decoder's last token) gets a
-    # correction computed from that position alone. No extra parameters. Not for the decoder of an
-    # encoder-decoder model. Decoder-only generation then recomputes the whole sequence at each new token
-    # (no KV cache): a running mean needs every earlier token's summary.
+    # Without sequence context ("none") each token is corrected from its own layer states only, and a head that
+    # reads one position ([CLS], a decoder's last token) gets a correction computed from that position alone.
+    # Both contexts add something about the whole input to every token's RNN summary, over the real tokens of
+    # its sequence (padding excluded) that it can see: all of them in an encoder stack, itself and the ones
+    # before it in a decoder-only stack (a running mean, so nothing leaks from later tokens). "mean": the mean of
+    # those tokens' RNN summaries (the RNN runs over every token). "pooled": the same RNN run once more over the
+    # per-layer mean of those tokens' raw states (every layer's sentence embedding), so a head that reads only
+    # [CLS] needs the RNN on [CLS] and that one pooled sequence, and the feature cache replays two vectors per
+    # layer. No extra parameters. Not for the decoder of an encoder-decoder model. Decoder-only generation then
+    # recomputes the whole sequence at each new token (no KV cache): the running mean needs every earlier token.
     sequence_context: str = "none"
     # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
     # gradients flow through the frozen decoder (more memory); it exists for ablations.

@@ -52,7 +52,7 @@ from readapt.config import ReadConfig
 from readapt.errors import ConfigError, IncompatibleAdapterError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from readapt.offload import is_dispatched, side_network_device
-from readapt.side_network import ReadSideNetwork
+from readapt.side_network import ReadSideNetwork, pool_states
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,6 +71,7 @@ class _LayerCapture:
         self.device = device  # None: the first layer output's device (a dispatched backbone: the side networks')
         self.states: torch.Tensor | None = None
         self.embeddings: torch.Tensor | None = None
+        self.pooled: torch.Tensor | None = None  # replayed "pooled" context inputs (states of some positions only)
         self.seen = 0
 
     def add(self, index: int, hidden: torch.Tensor) -> None:
@@ -166,7 +167,8 @@ def _clear_hooks(module: nn.Module) -> None:
 def _copy_call(call: CachedCall) -> CachedCall:
     """A cached stack call whose tensors the side network may normalise in place (the final output is only read)."""
     return CachedCall(call.stack, call.states.clone(), call.final,
-                      None if call.embeddings is None else call.embeddings.clone())
+                      None if call.embeddings is None else call.embeddings.clone(),
+                      None if call.pooled is None else call.pooled.clone())
 
 
 class ReadModel(FrozenBackboneWrapper):
@@ -328,9 +330,13 @@ class ReadModel(FrozenBackboneWrapper):
                 return self._record(stack, capture, output)
             if self._shared_calls is not None:  # run_adapters: keep the states, unnormalised, for the others
                 keep = self._positions or slice(None)  # correcting_positions: the other positions are never read
+                pooled = None
+                if self._positions is not None and any(c.sequence_context == "pooled" for c in self.adapter_configs.values()):
+                    pooled = pool_states(capture.states, self._token_mask(kwargs, _first_tensor(output)),
+                                         self.read[stack.name].causal)[:, :, keep]  # before the states are cut
                 self._shared_calls.append(CachedCall(
                     stack.name, capture.states[:, :, keep].clone(), _first_tensor(output),
-                    None if capture.embeddings is None else capture.embeddings[:, keep].clone()))
+                    None if capture.embeddings is None else capture.embeddings[:, keep].clone(), pooled))
             return self._apply_correction(stack, capture, output, kwargs)
 
         stack.module.forward = forward
@@ -421,6 +427,7 @@ class ReadModel(FrozenBackboneWrapper):
         capture = _LayerCapture(stack.num_layers, side_dtype)
         capture.states = call.states.to(side_dtype)
         capture.embeddings = None if call.embeddings is None else call.embeddings.to(side_dtype)
+        capture.pooled = None if call.pooled is None else call.pooled.to(side_dtype)
         capture.seen = stack.num_layers
         return capture, BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=call.final)
 
@@ -452,24 +459,31 @@ class ReadModel(FrozenBackboneWrapper):
                 encoder_mask = None  # an already expanded 4D mask: attend everywhere rather than guess its layout
             if encoder_states is not None and encoder_states.shape[0] != final.shape[0]:
                 raise RuntimeError(f"READ encoder states have batch {encoder_states.shape[0]}, decoder has {final.shape[0]}")
-        states, embeddings = capture.states, capture.embeddings
+        states, embeddings, pooled = capture.states, capture.embeddings, capture.pooled
+        side_network = self.read[stack.name]
         token_mask = None
-        if self.read[stack.name].sequence_context != "none":
-            if self.read[stack.name].causal and _earlier_tokens_cached(kwargs, final.shape[1]):
+        if side_network.sequence_context != "none":
+            if side_network.causal and _earlier_tokens_cached(kwargs, final.shape[1]):
                 raise ConfigError("this READ adapter's sequence context (a running mean over the tokens) needs every "
                                   "earlier token in the same forward pass: call without a KV cache (use_cache=False)")
             token_mask = self._token_mask(kwargs, final)
         positions = self._positions
-        # correcting_positions: the side networks see those positions only (states that run_adapters kept are cut
-        # already: fewer positions than the final state, or all of them, which cutting again leaves unchanged)
+        # correcting_positions: the side networks see those positions only (states that run_adapters or the feature
+        # cache kept are cut already: fewer positions than the final state, or all of them, which cutting again
+        # leaves unchanged). The "pooled" context is taken over every real token first.
         if positions is not None and states.shape[2] == final.shape[1]:
+            if side_network.sequence_context == "pooled" and pooled is None:
+                pooled = pool_states(states, token_mask, side_network.causal)[:, :, positions]
             states = states[:, :, positions].contiguous()
             embeddings = None if embeddings is None else embeddings[:, positions].contiguous()
+        elif pooled is None and side_network.sequence_context == "pooled" and states.shape[2] != final.shape[1]:
+            raise RuntimeError("READ got the states of some positions only, without their pooled context")
         if self._capture_device is not None:  # a dispatched backbone: everything READ computes on one device
             side = self._capture_device
-            states, embeddings, encoder_states, encoder_mask, token_mask = (
-                None if t is None else t.to(side) for t in (states, embeddings, encoder_states, encoder_mask, token_mask))
-        delta = self.read[stack.name](states, embeddings, encoder_states, encoder_mask, token_mask)
+            states, embeddings, encoder_states, encoder_mask, token_mask, pooled = (
+                None if t is None else t.to(side)
+                for t in (states, embeddings, encoder_states, encoder_mask, token_mask, pooled))
+        delta = side_network(states, embeddings, encoder_states, encoder_mask, token_mask, pooled)
         if delta.device != final.device:
             delta = delta.to(final.device)
         # In the wider of the two dtypes: a float32 correction is not rounded away on a bfloat16 backbone.
@@ -584,14 +598,16 @@ class ReadModel(FrozenBackboneWrapper):
         a head that reads only those positions (BERT-style classifiers read [CLS]; `head_reads_only` checks)
         the logits are those of the full correction, to float rounding (the RNN's matrix products run on fewer
         rows), at a fraction of the side networks' cost: on all-MiniLM-L6-v2 with r = 256 the side network
-        costs a fifth to a third of a backbone pass when it runs over every token (benchmarks/predict.py). Single-stack (encoder-only / decoder-only) models
+        costs a fifth to a third of a backbone pass when it runs over every token (benchmarks/predict.py). With the
+        "pooled" sequence context the pooled sequence is still taken over every real token. Not with the "mean"
+        context (every position's correction needs every token's RNN summary). Single-stack (encoder-only / decoder-only) models
         only: a decoder side network attends over every corrected encoder position."""
         if len(self.adapted_stacks) != 1:
             raise ConfigError("correcting_positions works on single-stack (encoder-only / decoder-only) models only")
-        with_context = sorted(name for name, config in self.adapter_configs.items() if config.sequence_context != "none")
+        with_context = sorted(name for name, config in self.adapter_configs.items() if config.sequence_context == "mean")
         if with_context:
-            raise ConfigError(f"correcting_positions: adapter(s) {', '.join(with_context)} use sequence context, so every "
-                              "position's correction depends on all the others")
+            raise ConfigError(f"correcting_positions: adapter(s) {', '.join(with_context)} use the 'mean' sequence "
+                              "context, so every position's correction depends on every token's RNN summary")
         if not isinstance(positions, slice):
             raise ConfigError(f"positions must be a slice, got {type(positions).__name__}")
         previous, self._positions = self._positions, positions

@@ -15,7 +15,8 @@ Text-to-text adapters of different tasks never share (the task name is part of t
 Heads that read one position: a BERT-style classifier reads [CLS] only, and the side network works per token,
 so where every adapter's head reads only the first token (checked when the adapters are loaded: noise written
 into every other position of the stack's output must leave the logits bit for bit unchanged) the side
-networks run on [CLS] alone (`ReadModel.correcting_positions`). The logits are those of the full correction to
+networks run on [CLS] alone (`ReadModel.correcting_positions`; with the "pooled" sequence context, on [CLS] and
+the pooled sequence; not with the "mean" context). The logits are those of the full correction to
 float rounding, and an adapter then costs a few percent of a backbone pass instead of a fifth to a third
 (all-MiniLM-L6-v2, r = 256; benchmarks/predict.py). Decoder-only heads (last real token) and text-to-text models get the full correction.
 
@@ -175,8 +176,8 @@ class Predictor:
     def _heads_read_first_token(self) -> bool:
         if self.text_to_text or len(self.model.adapted_stacks) != 1:
             return False
-        if any(config.sequence_context != "none" for config in self.model.adapter_configs.values()):
-            return False  # [CLS]'s correction then depends on every token
+        if any(config.sequence_context == "mean" for config in self.model.adapter_configs.values()):
+            return False  # [CLS]'s correction then depends on every token's RNN summary
         probe = self.tokenizer(PROBE, padding=True, return_tensors="pt")
         inputs = {key: probe[key].to(self.device) for key in ("input_ids", "attention_mask")}
         for name in self.names:

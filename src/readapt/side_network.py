@@ -9,9 +9,15 @@ Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
          h0 = 0, or a projection of the embedding output φ_0,
          plus, on a decoder, attention context over the corrected encoder output (Joiner)
       -> aggregate over layers (mean or last)                  (B*T, r)
-      -> optional sequence context: + the mean summary of the sequence's real tokens (B, T, r);
-         causal stacks (decoder-only): of the real tokens up to and including this one
+      -> optional sequence context, added to every token's summary (no extra parameters):
+         "mean":   the mean summary of the sequence's real tokens                     (B, 1, r)
+         "pooled": the same RNN's summary of the per-layer mean of the real tokens' raw
+                   states (the sentence embedding of every layer), one more sequence   (B, 1, r)
+         causal stacks (decoder-only) average over the real tokens up to and including each one (B, T, r)
       -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
+
+"pooled" lets a head that reads one position (BERT's [CLS]) run the RNN on that position plus one pooled
+sequence instead of every token, and lets the feature cache keep two vectors per layer and example.
 
 The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
 untrained side network changes nothing, bit for bit.
@@ -42,6 +48,19 @@ def rms_normalize_(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _rows(tensor: torch.Tensor | None, part: slice) -> torch.Tensor | None:
     return None if tensor is None else tensor[part]
+
+
+@torch.no_grad()
+def pool_states(layer_states: torch.Tensor, token_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """The per-layer mean of the real tokens' raw states, (N, B, 1, d); causal: the running mean up to each
+    token, (N, B, T, d). `token_mask` (B, T), 1 = real token; None: every position is real."""
+    if token_mask is None:
+        token_mask = layer_states.new_ones(layer_states.shape[1:3])
+    weights = token_mask.to(layer_states.dtype)[None, :, :, None]  # (1, B, T, 1)
+    weighted = layer_states * weights
+    if causal:
+        return weighted.cumsum(2) / weights.cumsum(2).clamp(min=1)
+    return weighted.sum(2, keepdim=True) / weights.sum(2, keepdim=True).clamp(min=1)
 
 
 class EncoderContext(nn.Module):
@@ -95,18 +114,27 @@ class ReadSideNetwork(nn.Module):
         encoder_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        pooled_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed). `token_mask`
-        (B, T), 1 = real token, is what sequence context averages over (None: every position is real)."""
+        (B, T), 1 = real token, is what sequence context averages over (None: every position is real).
+        `pooled_states` ("pooled" context; consumed too): `pool_states` of the whole sequence, for a caller that
+        passes the states of some positions only (a head that reads [CLS]; the feature cache); else computed here."""
+        if self.sequence_context == "pooled":
+            if pooled_states is None:
+                pooled_states = pool_states(layer_states, token_mask, self.causal)
+            rms_normalize_(pooled_states, self.eps)
+        else:
+            pooled_states = None
         rms_normalize_(layer_states, self.eps)
         if embeddings is not None and self.h0_projection is not None:
             embeddings = rms_normalize_(embeddings, self.eps)
-        if self.sequence_context == "none":
+        if self.sequence_context != "mean":
             token_mask = None
         elif token_mask is None:
             token_mask = layer_states.new_ones(layer_states.shape[1:3])
         if not (self.recompute and self.training and torch.is_grad_enabled()):
-            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask)
+            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
         # the chunk, whatever the batch size.
@@ -116,13 +144,17 @@ class ReadSideNetwork(nn.Module):
             part = slice(start, start + rows)
             deltas.append(checkpoint(
                 self._correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
-                _rows(encoder_mask, part), _rows(token_mask, part), use_reentrant=False,
+                _rows(encoder_mask, part), _rows(token_mask, part),
+                None if pooled_states is None else pooled_states[:, part], use_reentrant=False,
             ))
         return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
 
-    def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None) -> torch.Tensor:
+    def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None,
+                    pooled_states=None) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape
         x = layer_states.view(n_layers, batch * tokens, model_dim)
+        if pooled_states is not None:  # "pooled": the pooled sequences run through the same RNN, after the tokens
+            x = torch.cat([x, pooled_states.reshape(n_layers, -1, model_dim)], dim=1)
         if self.input_projection is not None:
             x = self.input_projection(x)
         x = self.dropout(x)
@@ -135,13 +167,18 @@ class ReadSideNetwork(nn.Module):
             queries = x[-1].view(batch, tokens, -1)
             context = self.encoder_context(queries, encoder_states, encoder_mask).reshape(batch * tokens, -1)
             h0 = context if h0 is None else h0 + context
+        if h0 is not None and pooled_states is not None:  # a pooled sequence starts from zeros
+            h0 = torch.cat([h0, h0.new_zeros(x.shape[1] - batch * tokens, h0.shape[-1])])
         if h0 is not None:
             h0 = h0.unsqueeze(0).expand(self.num_rnn_layers, -1, -1).contiguous()
             if isinstance(self.rnn, nn.LSTM):
                 h0 = (h0, torch.zeros_like(h0))
 
-        outputs, _ = self.rnn(x, h0)  # (N, B*T, r)
+        outputs, _ = self.rnn(x, h0)  # (N, B*T [+ pooled sequences], r)
         summary = outputs.mean(dim=0) if self.aggregation == "mean" else outputs[-1]
+        if pooled_states is not None:
+            pooled = summary[batch * tokens:].view(batch, pooled_states.shape[2], -1)  # (B, 1 or T, r)
+            summary = (summary[: batch * tokens].view(batch, tokens, -1) + pooled).view(batch * tokens, -1)
         if token_mask is not None:  # sequence context: what the input says, added to every token
             weights = token_mask.to(summary.dtype).view(batch, tokens, 1)
             per_token = summary.view(batch, tokens, -1)
