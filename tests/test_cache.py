@@ -144,9 +144,60 @@ def test_replay_on_the_same_batches_is_bit_exact(kind, options, tiny_models, tmp
         model.zero_grad()
 
 
-@pytest.mark.parametrize("kind", ["bert", "t5", "llama"])
+@pytest.mark.parametrize("options", [{}, {"sequence_context": "pooled"}, {"h0": "embeddings", "rnn_type": "lstm"}])
+def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp_path):
+    """A BERT head reads [CLS]: replaying position 0 only (and, for the pooled context, each layer's mean over the
+    example's tokens) with the model correcting [CLS] alone gives the loss and gradients of the live model with
+    the full correction (float32 cache; to float rounding: the matrix products run on fewer rows)."""
+    model, loaded = _read_model(tiny_models["bert"], ReadConfig(hidden_size=16, **options))
+    features = _features(loaded)
+    collator = Collator(loaded.tokenizer.pad_token_id, False, False)
+    cache = FeatureCache(model, loaded.tokenizer, max_length=24, text_to_text=False, directory=tmp_path, dtype="float32")
+    plan = cache.plan("train", [(model.adapted_stacks[0].name, [f["input_ids"] for f in features])])
+    entry = cache.open_or_build(plan, lambda batch: model(**batch), features, collator, batch_size=4, device="cpu")
+    model.eval()  # no dropout in the head: the two passes must see the same function
+    for start in range(0, len(features), 4):
+        rows = list(range(start, min(start + 4, len(features))))
+        batch = collator([features[i] for i in rows])
+        live = model(**batch).loss
+        live.backward()
+        live_gradients = _gradients(model)
+        model.zero_grad()
+        replay = entry.batch(rows, first_token=True, pooled=options.get("sequence_context") == "pooled")
+        assert replay.calls[0].states.shape[2] == 1
+        with model.correcting_positions(slice(0, 1)), model.replaying(replay):
+            cached = model(**batch).loss
+        cached.backward()
+        torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
+        for got, want in zip(_gradients(model), live_gradients, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        model.zero_grad()
+
+
+def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(tiny_models, tmp_path, step_losses,
+                                                                            monkeypatch):
+    """The training loop finds that the BERT head reads [CLS] only and corrects that position alone (recorded in
+    metrics.json); the losses are those of a run that corrects every token. T5 and a decoder-only head: every token."""
+    import readapt.training as training
+
+    config = _config(tmp_path, tiny_models["bert"], method_options={"hidden_size": 16, "sequence_context": "pooled"})
+    first, metrics = _train_losses(config, step_losses)
+    assert metrics["read_corrected_positions"].startswith("first token")
+    monkeypatch.setattr(training, "_corrects_first_token_only", lambda *args: False)
+    every, every_metrics = _train_losses(config, step_losses)
+    assert every_metrics["read_corrected_positions"] == "every token"
+    assert first == pytest.approx(every, rel=1e-5)
+    monkeypatch.undo()
+    for kind in ("t5", "llama"):
+        _, metrics = _train_losses(_config(tmp_path, tiny_models[kind]), step_losses)
+        assert metrics["read_corrected_positions"] == "every token", kind
+
+
+@pytest.mark.parametrize("kind", ["bert", "bert-pooled", "t5", "llama"])
 def test_training_from_float32_cache_matches_live(kind, tiny_models, tmp_path, step_losses):
-    config = _config(tmp_path, tiny_models[kind], cache_dtype="float32")
+    config = _config(tmp_path, tiny_models[kind.split("-")[0]], cache_dtype="float32")
+    if kind == "bert-pooled":
+        config.method_options = {"hidden_size": 16, "sequence_context": "pooled"}
     live, live_metrics = _train_losses(config, step_losses)
     config.cache_features = True
     cached, metrics = _train_losses(config, step_losses)

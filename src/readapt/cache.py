@@ -274,7 +274,12 @@ class CacheEntry:
         self.maps = [np.memmap(path / s["file"], dtype=self.storage, mode="r") for s in manifest["streams"]]
         self.bytes = sum(s["bytes"] for s in manifest["streams"]) + (path / INDEX).stat().st_size
 
-    def batch(self, indices: Sequence[int]) -> CachedBatch:
+    def batch(self, indices: Sequence[int], first_token: bool = False, pooled: bool = False) -> CachedBatch:
+        """`first_token`: the states of position 0 only (a head that reads [CLS]; the model corrects that
+        position alone, ReadModel.correcting_positions), the final output zero elsewhere; `pooled`: with each
+        layer's mean over the example's tokens (READ's "pooled" context), computed in float32."""
+        if first_token:
+            return self._first_token_batch(indices, pooled)
         calls = []
         for spec, lengths, offsets, values in zip(self.streams, self.lengths, self.offsets, self.maps, strict=True):
             slots, width = spec.slots, spec.hidden_size
@@ -291,6 +296,27 @@ class CacheEntry:
         return CachedBatch(calls)
 
 
+    def _first_token_batch(self, indices: Sequence[int], pooled: bool) -> CachedBatch:
+        calls = []
+        for spec, lengths, offsets, values in zip(self.streams, self.lengths, self.offsets, self.maps, strict=True):
+            slots, width, layers = spec.slots, spec.hidden_size, spec.num_layers
+            rows = lengths[list(indices)]
+            first = np.empty((slots, len(indices), 1, width), dtype=self.storage)
+            means = torch.empty((layers, len(indices), 1, width)) if pooled else None
+            for row, (index, length) in enumerate(zip(indices, rows, strict=True)):
+                start = int(offsets[index]) * slots * width
+                block = values[start: start + slots * int(length) * width].reshape(slots, length, width)
+                first[:, row, 0] = block[:, 0]
+                if means is not None:
+                    means[:, row, 0] = torch.from_numpy(np.array(block[:layers])).view(self.meaning).float().mean(1)
+            stored = torch.from_numpy(first).view(self.meaning).float()
+            final = torch.zeros(len(indices), int(rows.max()), width)  # the head reads position 0 only
+            final[:, :1] = stored[layers] if spec.final else stored[layers - 1]
+            embeddings = stored[layers + int(spec.final)] if spec.embeddings and self.want_embeddings else None
+            calls.append(CachedCall(spec.stack, stored[:layers], final, embeddings, means))
+        return CachedBatch(calls)
+
+
 def indexed(features: list[dict]) -> list[dict]:
     """Encoded examples that remember their position in the split (the cache's index)."""
     return [{**f, CACHE_INDEX: i} for i, f in enumerate(features)]
@@ -302,12 +328,16 @@ class CachedCollator:
     def __init__(self, collator: Callable[[list[dict]], dict], plan: CachePlan):
         self.collator = collator
         self.plan = plan
+        # Set when the model corrects [CLS] alone (its head reads nothing else): replay that position only, and
+        # with READ's "pooled" context every layer's mean over the tokens.
+        self.first_token = False
+        self.pooled = False
 
     def __call__(self, features: list[dict]) -> dict:
         if self.plan.entry is None:
             raise RuntimeError(f"the {self.plan.label} feature cache is used before it was built")
         batch = self.collator(features)
-        batch[CACHED_FEATURES] = self.plan.entry.batch([f[CACHE_INDEX] for f in features])
+        batch[CACHED_FEATURES] = self.plan.entry.batch([f[CACHE_INDEX] for f in features], self.first_token, self.pooled)
         return batch
 
 

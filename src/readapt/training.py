@@ -55,6 +55,7 @@ from readapt.errors import ConfigError, TrainingError, TrainingInterrupted
 from readapt.io import atomic_write_json
 from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
 from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
+from readapt.model import ReadModel
 from readapt.pretrained import load_backbone
 from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
 from readapt.tasks.custom import GENERATION_COLUMNS
@@ -604,12 +605,19 @@ class _CacheJobs:
                                   text_to_text=loaded.text_to_text, directory=config.cache_dir,
                                   dtype=config.cache_dtype, max_gb=config.cache_max_gb, autocast=config.mixed_precision)
         self.jobs: list[tuple[Any, list[dict], Collator, Candidates | None, bool]] = []
+        self.collators: list[CachedCollator] = []
 
     def attach(self, label: str, features: list[dict], collator: Collator, candidates: Candidates | None,
                training: bool = False) -> tuple[list[dict], CachedCollator]:
         plan = self.cache.plan(label, self.stack_calls(features, candidates))
         self.jobs.append((plan, features, collator, candidates, training))
-        return indexed(features), CachedCollator(collator, plan)
+        self.collators.append(CachedCollator(collator, plan))
+        return indexed(features), self.collators[-1]
+
+    def replay_first_token_only(self, pooled: bool) -> None:
+        """The model corrects [CLS] alone: every split replays that position (and the pooled means) only."""
+        for collator in self.collators:
+            collator.first_token, collator.pooled = True, pooled
 
     def stack_calls(self, features: list[dict], candidates: Candidates | None) -> list[tuple[str, list[list[int]]]]:
         """The adapted stack calls of one forward pass (training step, or prediction when scoring candidates),
@@ -681,6 +689,29 @@ def _debug_step_delay() -> float:
         return 0.0
 
 
+FIRST_TOKEN = slice(0, 1)
+
+
+def _corrects_first_token_only(model, features: list[dict], collator: Collator, loaded) -> bool:
+    """Whether READ needs to correct only position 0: an encoder whose task head reads [CLS] and nothing else
+    (checked on a few training rows: noise in every other position leaves the logits bit for bit the same),
+    and no sequence context that needs every token's RNN summary. The logits are then those of the full
+    correction to float rounding, and the side network (and the feature cache) works on one position."""
+    if not isinstance(model, ReadModel) or loaded.text_to_text or loaded.causal_lm or len(model.adapted_stacks) != 1:
+        return False
+    if model.read_config.sequence_context == "mean" or model.read_config.couple_encoder:
+        return False
+    batch = collator(features[:4])
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    was_training = model.training
+    model.eval()  # the head's dropout would make the two probe passes differ
+    try:
+        return model.head_reads_only(FIRST_TOKEN, **{k: v.to(device) for k, v in inputs.items()})
+    finally:
+        model.train(was_training)
+
+
 def _train(config, method, task, train_examples, dev_examples, loaded, model, run: _RunDirectory, accelerator,
            make_scheduler, backbone_parameters):
     causal = loaded.causal_lm
@@ -702,6 +733,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
                                   feature_cache, config.generation)
     if feature_cache is not None:
         feature_cache.cache.check_budget([job[0] for job in feature_cache.jobs])
+    first_token = _corrects_first_token_only(model, train_features, collator, loaded)
+    if first_token and feature_cache is not None:
+        feature_cache.replay_first_token_only(pooled=model.read_config.sequence_context == "pooled")
 
     no_cache = no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -772,7 +806,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
     last_checkpoint_time = time.monotonic()
     restore_rng_first = run.resume_from
     stop = _StopRequest()
-    with stop.installed():
+    with stop.installed(), unwrapped.correcting_positions(FIRST_TOKEN) if first_token else contextlib.nullcontext():
         for epoch in range(progress.epoch, config.epochs + 1):
             model.train()
             epoch_clock, epoch_cpu = Stopwatch(), time.process_time()
@@ -888,6 +922,9 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
         "config": _config_dict(config), "versions": versions(), "machine": machine(),
         "device": str(accelerator.device), "mixed_precision": config.mixed_precision,
         "backbone_dtype": config.backbone_dtype,
+        # READ: whether the side network corrected [CLS] alone (the head reads nothing else) or every token
+        "read_corrected_positions": None if not isinstance(unwrapped, ReadModel) else
+        "first token only (the head reads nothing else)" if first_token else "every token",
         # --cache-features: where the entries are, their size on disk, whether this run reused them, build time
         "feature_cache": feature_cache.summary() if feature_cache is not None else None,
     }
