@@ -193,3 +193,17 @@ def test_other_supported_architectures_are_detected_and_exact(name):
     assert model.info.family == family and model.head_module_names == heads
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids, **kwargs).logits, reference)
+
+
+def test_recomputation_only_where_it_bounds_memory():
+    """Recomputation keeps one chunk's RNN activations alive at a time; a batch that fits in one chunk (e.g. [CLS]
+    alone) keeps them at that bound anyway, so it runs the RNN once instead of twice."""
+    from readapt.side_network import ReadSideNetwork
+
+    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, recompute=True, recompute_chunk_tokens=16)).train()
+    calls = []
+    network.rnn.register_forward_hook(lambda *_: calls.append(1))
+    for tokens, runs in ((4, 1), (5, 4)):  # 4 rows x 4 tokens = one chunk; 4 x 5 = 20 > 16: 2 chunks, twice each
+        calls.clear()
+        network(torch.randn(3, 4, tokens, 8)).sum().backward()
+        assert len(calls) == runs, (tokens, calls)

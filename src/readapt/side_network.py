@@ -133,7 +133,12 @@ class ReadSideNetwork(nn.Module):
             token_mask = None
         elif token_mask is None:
             token_mask = layer_states.new_ones(layer_states.shape[1:3])
-        if not (self.recompute and self.training and torch.is_grad_enabled()):
+        sequences = layer_states.shape[1] * layer_states.shape[2]  # one RNN sequence per token (and pooled row)
+        if pooled_states is not None:
+            sequences += pooled_states.shape[1] * pooled_states.shape[2]
+        # Recomputation bounds the activations alive at once to one chunk; a batch within one chunk (e.g. [CLS]
+        # alone) keeps them at that bound anyway, so it would only run the RNN twice.
+        if not (self.recompute and self.training and torch.is_grad_enabled()) or sequences <= self.chunk_tokens:
             return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
