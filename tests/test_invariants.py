@@ -15,6 +15,7 @@ from conftest import (
     train_steps,
 )
 from readapt import ReadConfig, get_read_model
+from readapt.errors import ConfigError
 
 SMALL = ReadConfig(hidden_size=16)
 
@@ -207,3 +208,32 @@ def test_recomputation_only_where_it_bounds_memory():
         calls.clear()
         network(torch.randn(3, 4, tokens, 8)).sum().backward()
         assert len(calls) == runs, (tokens, calls)
+
+
+def test_layerwise_mlp_ablation_by_hand():
+    """rnn_type="mlp" (the non-recurrent ablation): δ = up(mean_i tanh(W_i proj(rms φ_i) + b_i)); its own weights
+    per layer, nothing carried across layers; untrained, the model is still exactly the backbone."""
+    from readapt.side_network import ReadSideNetwork
+
+    torch.manual_seed(0)
+    network = ReadSideNetwork(8, ReadConfig(hidden_size=4, rnn_type="mlp"), num_layers=3).eval()
+    torch.nn.init.normal_(network.up_projection.weight)
+    states = torch.randn(3, 2, 5, 8)
+    delta = network(states.clone())
+    normed = states / states.pow(2).mean(-1, keepdim=True).add(network.eps).sqrt()
+    hidden = [torch.tanh(network.input_projection(normed[i]) @ network.rnn.weight[i] + network.rnn.bias[i]) for i in range(3)]
+    torch.testing.assert_close(delta, network.up_projection(torch.stack(hidden).mean(0)), rtol=1e-5, atol=1e-6)
+    gru = ReadSideNetwork(8, ReadConfig(hidden_size=4), num_layers=3)
+    assert sum(p.numel() for p in network.rnn.parameters()) == 3 * (4 * 4 + 4) != sum(p.numel() for p in gru.rnn.parameters())
+
+    backbone = tiny_backbone("bert")
+    ids = torch.randint(3, 20, (2, 6))
+    with torch.no_grad():
+        expected = backbone(input_ids=ids).logits
+        model = get_read_model(backbone, ReadConfig(hidden_size=8, rnn_type="mlp"))
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    with pytest.raises(ConfigError, match="h0='zeros'"):
+        ReadConfig(rnn_type="mlp", h0="embeddings")
+    with pytest.raises(ConfigError, match="encoder_context=False"):
+        get_read_model(tiny_backbone("t5"), ReadConfig(hidden_size=8, rnn_type="mlp"))
+    get_read_model(tiny_backbone("t5"), ReadConfig(hidden_size=8, rnn_type="mlp", encoder_context=False))

@@ -11,7 +11,9 @@ from typing import Any
 
 from readapt.errors import ConfigError
 
-RNN_TYPES = ("gru", "lstm", "rnn")
+# "mlp" is the non-recurrent ablation: a separate one-layer MLP per backbone layer instead of one shared RNN
+# (no state carried across layers; N times the weights).
+RNN_TYPES = ("gru", "lstm", "rnn", "mlp")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
 SEQUENCE_CONTEXTS = ("none", "mean", "pooled")
@@ -96,6 +98,8 @@ class ReadConfig:
         for name in ("input_projection", "couple_encoder", "encoder_context", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ReadConfig.{name}={getattr(self, name)!r} is invalid; allowed values: true, false")
+        if self.rnn_type == "mlp" and (self.h0 != "zeros" or self.num_rnn_layers != 1):
+            raise ConfigError("ReadConfig.rnn_type='mlp' (no recurrence) takes h0='zeros' and num_rnn_layers=1 only")
         if self.stacks is not None:
             if isinstance(self.stacks, str):
                 self.stacks = [self.stacks]

@@ -257,7 +257,8 @@ class ReadModel(FrozenBackboneWrapper):
         decoder_config = config if causal else dataclasses.replace(config, sequence_context="none")
         read = nn.ModuleDict({
             stack.name: ReadSideNetwork(stack.hidden_size, decoder_config if stack.name == "decoder" else config,
-                                        encoder_dim if stack.name == "decoder" else None, causal=causal)
+                                        encoder_dim if stack.name == "decoder" else None, causal=causal,
+                                        num_layers=stack.num_layers)
             for stack in self.adapted_stacks
         })
         # A backbone dispatched by Accelerate (split / offloaded): the device of the final hidden state.

@@ -31,8 +31,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from readapt.config import ReadConfig
+from readapt.errors import ConfigError
 
-_RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+class LayerwiseMLP(nn.Module):
+    """The non-recurrent ablation (ReadConfig.rnn_type="mlp"): layer i's state goes through its own
+    tanh(W_i x + b_i); nothing is carried from one layer to the next. Same call shape as nn.RNN."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, *,
+                 backbone_layers: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(backbone_layers, input_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(backbone_layers, 1, hidden_size))
+        bound = input_size ** -0.5  # nn.Linear's default range
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        # x (N, S, in) -> (N, S, r); h0 has no meaning without recurrence and is ignored
+        return torch.tanh(torch.baddbmm(self.bias, x, self.weight)), None
+
+
+_RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN, "mlp": LayerwiseMLP}
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,8 +100,9 @@ class EncoderContext(nn.Module):
 
 
 class ReadSideNetwork(nn.Module):
-    def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False):
-        """`encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context; `causal`
+    def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False,
+                 num_layers: int | None = None):
+        """`num_layers`: the stack's layer count (needed by the "mlp" ablation only). `encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context; `causal`
         for a stack whose tokens see only earlier ones (decoder-only): its sequence context is a running mean."""
         super().__init__()
         self.causal = causal
@@ -98,9 +118,17 @@ class ReadSideNetwork(nn.Module):
         rnn_input = r if config.input_projection else model_dim
         self.h0_projection = nn.Linear(model_dim, r) if config.h0 == "embeddings" else None
         self.encoder_context = EncoderContext(rnn_input, encoder_dim, r, self.eps) if encoder_dim else None
+        extra = {}
+        if config.rnn_type == "mlp":
+            if num_layers is None:
+                raise ConfigError("ReadConfig.rnn_type='mlp' needs the stack's layer count (num_layers)")
+            if encoder_dim:
+                raise ConfigError("ReadConfig.rnn_type='mlp' carries no state, so the decoder's encoder context has "
+                                  "nowhere to go; set encoder_context=False (or adapt the encoder stack only)")
+            extra = {"backbone_layers": num_layers}
         self.rnn = _RNN_CLASSES[config.rnn_type](
             rnn_input, r, num_layers=config.num_rnn_layers,
-            dropout=config.dropout if config.num_rnn_layers > 1 else 0.0,
+            dropout=config.dropout if config.num_rnn_layers > 1 else 0.0, **extra,
         )
         self.dropout = nn.Dropout(config.dropout)
         self.up_projection = nn.Linear(r, model_dim)
