@@ -60,6 +60,7 @@ def _run(label: str, arguments: list[str], folder: Path, threads: int | None) ->
         "peak_memory_bytes": metrics["peak_memory_bytes"], "peak_memory_meter": metrics["peak_memory_meter"],
         "best_score": metrics["best_score"], "main_metric": metrics["main_metric"],
         "feature_cache": metrics.get("feature_cache"), "device": metrics["device"],
+        "read_corrected_positions": metrics.get("read_corrected_positions"),
     }
 
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, run in runs.items():
         print(f"{names[key]:<34} {run['epochs']:>6} {run['epoch_1_seconds']:>10.2f} {run['mean_epoch_seconds']:>13.3f} "
               f"{run['mean_over']:<14} {run['peak_memory_bytes'] / mib:>9.0f} {run['best_score']:>6.3f}")
+    print(f"READ corrected: {cached['read_corrected_positions']}")
     entries = ", ".join(f"{label} {entry['bytes'] / 1e6:.1f} MB" for label, entry in cache["entries"].items())
     print(f"cache on disk: {cache['bytes'] / 1e6:.1f} MB ({entries}); built in {cache['build_seconds']:.2f} s within epoch 1")
     print(f"cached epoch / full fine-tuning epoch = {result['cached_over_full']:.3f} (goal <= 0.03)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,23 @@ def test_label_word_scoring_benchmark_runs(tiny_models, capsys):
     assert (cached["scoring"], whole["scoring"]) == ("prompt cache", "whole sequences")
     assert cached["metrics"] == whole["metrics"]  # the same scores either way
     assert "prompt cache" in capsys.readouterr().out
+
+
+@needs_real_glue
+def test_read_recipe_runs_and_reports(tiny_models, tmp_path, capsys):
+    recipe = _load("read_recipe")
+    output = tmp_path / "recipe.jsonl"
+    common = ["--output", str(output), "--tasks", "rte", "--seeds", "1"]
+    recipe.main([*common, "--variants", "pooled,pooled-mlp", "--model", str(tiny_models["bert"]), "--data-dir",
+                 str(REAL_GLUE_DIR), "--cache-dir", str(tmp_path / "cache"), "--train-samples", "30", "--epochs", "2",
+                 "--max-length", "32"])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok"], records
+    for record in records:  # selection on the held-out rows, the dev score reported at that epoch
+        assert record["epoch_dev_scores"][record["best_epoch"] - 1] == record["score"]
+        assert record["selection_score"] == max(record["epoch_selection_scores"][: record["best_epoch"]])
+        assert record["train_examples"] == 24 and record["read_corrected_positions"].startswith("first token")
+    assert {r["feature_cache_reused"] for r in records} == {False, True}  # the second variant reuses the entries
+    recipe.main([*common, "--report"])
+    table = capsys.readouterr().out
+    assert "| pooled |" in table and "| pooled-mlp |" in table
