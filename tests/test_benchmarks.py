@@ -73,3 +73,18 @@ def test_read_recipe_runs_and_reports(tiny_models, tmp_path, capsys):
     recipe.main([*common, "--report"])
     table = capsys.readouterr().out
     assert "| pooled |" in table and "| pooled-mlp |" in table
+
+
+def test_learning_curve_plots_existing_records(tmp_path, capsys):
+    read, full = tmp_path / "read.jsonl", tmp_path / "full.jsonl"
+    read.write_text("".join(json.dumps({"status": "ok", "variant": "pooled", "task": "sst2", "seed": s,
+                                        "train_examples": n, "score": 70 + n / 100 + s}) + "\n"
+                            for n in (80, 400) for s in (1, 2)))
+    full.write_text(json.dumps({"status": "ok", "kind": "run", "method": "full", "task": "sst2", "seed": 1,
+                                "train_examples": 400, "score": 80.0}) + "\n")
+    result = _load("learning_curve").main(["--task", "sst2", "--read", str(read), "--full", str(full),
+                                           "--out", str(tmp_path / "curve.png")])
+    assert result["read"] == [(80, 72.3, 0.7071067811865476, 2), (400, 75.5, 0.7071067811865476, 2)]
+    assert result["full"] == [(400, 80.0, 0.0, 1)]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "| 80 | 72.3 ± 0.7 (n=2) | – |" in capsys.readouterr().out
