@@ -144,7 +144,8 @@ def test_replay_on_the_same_batches_is_bit_exact(kind, options, tiny_models, tmp
         model.zero_grad()
 
 
-@pytest.mark.parametrize("options", [{}, {"sequence_context": "pooled"}, {"h0": "embeddings", "rnn_type": "lstm"}])
+@pytest.mark.parametrize("options", [{"sequence_context": "none"}, {"sequence_context": "pooled"},
+                                     {"h0": "embeddings", "rnn_type": "lstm"}])  # the default context: "pooled" here
 def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp_path):
     """A BERT head reads [CLS]: replaying position 0 only (and, for the pooled context, each layer's mean over the
     example's tokens) with the model correcting [CLS] alone gives the loss and gradients of the live model with
@@ -163,7 +164,7 @@ def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp
         live.backward()
         live_gradients = _gradients(model)
         model.zero_grad()
-        replay = entry.batch(rows, first_token=True, pooled=options.get("sequence_context") == "pooled")
+        replay = entry.batch(rows, first_token=True, pooled=model.read_config.sequence_context == "pooled")
         assert replay.calls[0].states.shape[2] == 1
         with model.correcting_positions(slice(0, 1)), model.replaying(replay):
             cached = model(**batch).loss

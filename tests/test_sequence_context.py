@@ -248,3 +248,17 @@ def test_pooled_context_corrects_cls_alone():
         with model.correcting_positions(slice(0, 1)):
             cls_only = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(full, cls_only, atol=1e-5), (full - cls_only).abs().max()
+
+
+def test_auto_context_resolves_per_family(tmp_path):
+    """The default ("auto") is "pooled" on encoder-only models and "none" elsewhere; saved adapters hold the result."""
+    import json
+
+    assert ReadConfig().sequence_context == "auto"
+    get_read_model(tiny_backbone("bert"), ReadConfig(hidden_size=8)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["config"]["sequence_context"] == "pooled"
+    for kind, expected in (("bert", "pooled"), ("t5", "none"), ("llama", "none"), ("gpt2", "none")):
+        model = get_read_model(tiny_backbone(kind), ReadConfig(hidden_size=8))
+        assert model.read_config.sequence_context == expected, kind
+        assert all(side.sequence_context == expected for name, side in model.read.items() if name != "decoder")
+    assert ReadConfig(sequence_context="none").resolved_for("encoder-only").sequence_context == "none"

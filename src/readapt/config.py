@@ -16,7 +16,10 @@ from readapt.errors import ConfigError
 RNN_TYPES = ("gru", "lstm", "rnn", "mlp")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
-SEQUENCE_CONTEXTS = ("none", "mean", "pooled")
+# "auto" (the default) is resolved when READ meets its backbone (ReadConfig.resolved_for): "pooled" for encoder-only
+# models (measured on all-MiniLM-L6-v2, docs/results/read-recipe-cpu/), "none" elsewhere: decoder-only models keep
+# KV-cache generation and prompt-cache label scoring, and no T5 weights were available to measure it on.
+SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled")
 STACK_NAMES = ("encoder", "decoder")
 # Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
@@ -58,7 +61,7 @@ class ReadConfig:
     # [CLS] needs the RNN on [CLS] and that one pooled sequence, and the feature cache replays two vectors per
     # layer. No extra parameters. Not for the decoder of an encoder-decoder model. Decoder-only generation then
     # recomputes the whole sequence at each new token (no KV cache): the running mean needs every earlier token.
-    sequence_context: str = "none"
+    sequence_context: str = "auto"
     # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
     # gradients flow through the frozen decoder (more memory); it exists for ablations.
     couple_encoder: bool = False
@@ -112,6 +115,13 @@ class ReadConfig:
             if isinstance(self.head_modules, str) or not all(isinstance(m, str) for m in self.head_modules):
                 raise ConfigError("ReadConfig.head_modules must be a list of module names or None")
             self.head_modules = list(self.head_modules)
+
+    def resolved_for(self, family: str) -> ReadConfig:
+        """This config with sequence_context="auto" replaced by what it means for a backbone `family`
+        (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only"); saved adapters hold the result."""
+        if self.sequence_context != "auto":
+            return self
+        return dataclasses.replace(self, sequence_context="pooled" if family == "encoder-only" else "none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -180,6 +180,7 @@ class ReadModel(FrozenBackboneWrapper):
             raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
         _check_adapter_name(adapter_name)
         info = describe_backbone(backbone)
+        config = config.resolved_for(info.family)  # sequence_context="auto"
         self.backbone = backbone
         self.read_config = config
         self.info: BackboneInfo = info
