@@ -478,8 +478,12 @@ class ReadModel(FrozenBackboneWrapper):
                 pooled = pool_states(states, token_mask, side_network.causal)[:, :, positions]
             states = states[:, :, positions].contiguous()
             embeddings = None if embeddings is None else embeddings[:, positions].contiguous()
-        elif pooled is None and side_network.sequence_context == "pooled" and states.shape[2] != final.shape[1]:
-            raise RuntimeError("READ got the states of some positions only, without their pooled context")
+        elif states.shape[2] != final.shape[1]:
+            if positions is None:
+                raise RuntimeError(f"READ got the states of {states.shape[2]} of {final.shape[1]} positions outside "
+                                   "correcting_positions")
+            if pooled is None and side_network.sequence_context == "pooled":
+                raise RuntimeError("READ got the states of some positions only, without their pooled context")
         if self._capture_device is not None:  # a dispatched backbone: everything READ computes on one device
             side = self._capture_device
             states, embeddings, encoder_states, encoder_mask, token_mask, pooled = (
