@@ -102,8 +102,9 @@ class EncoderContext(nn.Module):
 class ReadSideNetwork(nn.Module):
     def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False,
                  num_layers: int | None = None):
-        """`num_layers`: the stack's layer count (needed by the "mlp" ablation only). `encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context; `causal`
-        for a stack whose tokens see only earlier ones (decoder-only): its sequence context is a running mean."""
+        """`encoder_dim` is given for the decoder stack of an encoder-decoder model with encoder context; `causal`
+        for a stack whose tokens see only earlier ones (decoder-only): its sequence context is a running mean;
+        `num_layers`, the stack's layer count, for the "mlp" ablation (one weight set per layer)."""
         super().__init__()
         self.causal = causal
         r = config.hidden_size
@@ -197,7 +198,7 @@ class ReadSideNetwork(nn.Module):
             h0 = self.h0_projection(embeddings.reshape(batch * tokens, model_dim))
         if self.encoder_context is not None and encoder_states is not None:
             # The decoder token's own top-layer state asks what it needs from the encoder.
-            queries = x[-1].view(batch, tokens, -1)
+            queries = x[-1, : batch * tokens].view(batch, tokens, -1)
             context = self.encoder_context(queries, encoder_states, encoder_mask).reshape(batch * tokens, -1)
             h0 = context if h0 is None else h0 + context
         if h0 is not None and pooled_states is not None:  # a pooled sequence starts from zeros
