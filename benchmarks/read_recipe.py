@@ -109,7 +109,7 @@ def _run(variant: str, task: str, seed: int, args) -> dict:
         "dev_examples": metrics["dev_examples"], "learning_rate": metrics["config"]["learning_rate"],
         "method_options": metrics["config"]["method_options"], "read_corrected_positions": metrics.get("read_corrected_positions"),
         "feature_cache_reused": (metrics.get("feature_cache") or {}).get("reused"),
-        "protocol": metrics["protocol"], "epochs": args.epochs, "threads": args.threads, "machine": metrics["machine"],
+        "protocol": metrics["protocol"], "epochs": args.epochs, "train_samples": args.train_samples, "threads": args.threads, "machine": metrics["machine"],
         "command": " ".join(command[1:]).replace(args.data_dir, "$GLUE"),
     }
 
@@ -195,8 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; --list shows them")
     seeds = [int(s) for s in args.seeds.split(",")]
-    done = {(r["variant"], r["task"], r["seed"]) for r in _records(output) if r.get("status") == "ok"}
-    todo = [(v, t, s) for v in variants for t in tasks for s in seeds if (v, t, s) not in done]
+    # a run is done when the same variant, task and seed ran with the same training rows and epochs
+    done = {(r["variant"], r["task"], r["seed"], r.get("train_samples"), r.get("epochs"))
+            for r in _records(output) if r.get("status") == "ok"}
+    todo = [(v, t, s) for v in variants for t in tasks for s in seeds
+            if (v, t, s, args.train_samples, args.epochs) not in done]
     output.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run, v, t, s, args) for v, t, s in todo]
