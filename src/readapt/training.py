@@ -869,12 +869,14 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
 
             epoch_seconds = progress.epoch_seconds + epoch_clock.seconds()
             progress.train_seconds += epoch_seconds
-            progress.train_cpu_seconds += progress.epoch_cpu_seconds + time.process_time() - epoch_cpu
+            epoch_cpu_seconds = progress.epoch_cpu_seconds + time.process_time() - epoch_cpu
+            progress.train_cpu_seconds += epoch_cpu_seconds
             results = evaluate(unwrapped, config.progress)
             score = main_score(task, results)
             record = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.batches_done, 1), "dev": results,
                       "score": score, "elapsed_seconds": progress.wall_seconds + clock.seconds(),
-                      "train_seconds_so_far": progress.train_seconds, "epoch_train_seconds": epoch_seconds}
+                      "train_seconds_so_far": progress.train_seconds, "epoch_train_seconds": epoch_seconds,
+                      "epoch_train_cpu_seconds": epoch_cpu_seconds}  # all threads; unlike wall time, not inflated by other processes
             progress.epochs.append(record)
             logger.info("epoch %d: train loss %.4f, dev %s", epoch, record["train_loss"], json.dumps(results))
             if progress.best is None or score > progress.best["score"]:
