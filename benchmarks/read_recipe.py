@@ -11,12 +11,13 @@ shared: a variant with the same data and backbone reuses the entries another one
 
 Records (one JSON object per run, appended; a finished (variant, task, seed) is not run again):
 `--output results.jsonl`. `--report` prints the markdown table of what the file holds, with full fine-tuning
-from a `readapt bench` results file (`--baseline`) if given.
+from `readapt bench` results files (`--baseline`) if given.
 
 Usage:
   python benchmarks/read_recipe.py --variants pooled,pooled-lr3e-3 --output runs/recipe.jsonl [--tasks rte,mrpc]
                                    [--seeds 1,2,3] [--train-samples 1000] [--epochs 20] [--jobs 1]
   python benchmarks/read_recipe.py --report --output runs/recipe.jsonl [--baseline runs/parity/results.jsonl]
+                                   [--plot bars.png --plot-variants pooled,per-token]
   python benchmarks/read_recipe.py --list        # the variants and their options
 """
 
@@ -134,15 +135,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def report(path: Path, baseline: Path | None, tasks: tuple[str, ...] = TASKS) -> str:
+def report(path: Path, baseline: list[Path], tasks: tuple[str, ...] = TASKS) -> str:
     """Markdown: per variant, dev score mean ± std over seeds per task, the dev average and the selection average
     (the average is over tasks of the per-task means; only variants with every task have one)."""
     rows: dict[str, dict[str, list[dict]]] = {}
     for record in _records(path):
         if record.get("status") == "ok":
             rows.setdefault(record["variant"], {}).setdefault(record["task"], []).append(record)
-    if baseline is not None:
-        for record in _records(baseline):
+    for file in baseline:
+        for record in _records(file):
             if record.get("status") == "ok" and record.get("kind") == "run":
                 rows.setdefault(f"{record['method']} (bench)", {}).setdefault(record["task"], []).append(record)
     lines = ["| variant | " + " | ".join(tasks) + " | avg dev | avg selection | seeds | train CPU s (mean) |",
@@ -159,6 +160,38 @@ def report(path: Path, baseline: Path | None, tasks: tuple[str, ...] = TASKS) ->
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if dev is None else f'{dev:.1f}'} | "
                      f"{'–' if selection is None else f'{selection:.1f}'} | {','.join(map(str, seeds))} | {cpu:.0f} |")
     return "\n".join(lines)
+
+
+def plot(path: Path, baseline: list[Path], out: Path, variants: list[str] | None, tasks: tuple[str, ...] = TASKS) -> None:
+    """Grouped bars: dev score (mean over seeds, std as error bar) per task, one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores: dict[str, dict[str, list[float]]] = {}
+    for record in _records(path):
+        if record.get("status") == "ok" and (variants is None or record["variant"] in variants):
+            scores.setdefault(record["variant"], {}).setdefault(record["task"], []).append(record["score"])
+    for file in baseline:
+        for record in _records(file):
+            if record.get("status") == "ok" and record.get("kind") == "run":
+                scores.setdefault(f"{record['method']} fine-tuning", {}).setdefault(record["task"], []).append(record["score"])
+    names = list(scores)
+    width = 0.8 / max(len(names), 1)
+    figure, axes = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.8))
+    for k, name in enumerate(names):
+        values = [scores[name].get(task, []) for task in tasks]
+        axes.bar([i + k * width for i in range(len(tasks))], [statistics.mean(v) if v else 0 for v in values], width,
+                 yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=2, label=name)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    axes.set_ylabel("GLUE dev score (selected on held-out train rows)")
+    axes.legend(fontsize=7, ncol=2)
+    axes.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    partial = out.with_name(out.name + ".partial.png")
+    figure.savefig(partial, dpi=120)
+    partial.replace(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--report", action="store_true", help="print the table of --output and stop")
-    parser.add_argument("--baseline", help="a `readapt bench` results.jsonl to show next to the variants")
+    parser.add_argument("--baseline", nargs="+", default=[],
+                        help="`readapt bench` results.jsonl file(s) to show next to the variants")
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    parser.add_argument("--plot", help="with --report: also draw the per-task bars to this .png")
+    parser.add_argument("--plot-variants", help="with --plot: only these variants (comma-separated)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if args.list:
@@ -188,7 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.report:
-        print(report(output, Path(args.baseline) if args.baseline else None, tasks))
+        baseline = [Path(b) for b in args.baseline]
+        print(report(output, baseline, tasks))
+        if args.plot:
+            chosen = [v.strip() for v in args.plot_variants.split(",")] if args.plot_variants else None
+            plot(output, baseline, Path(args.plot), chosen, tasks)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -70,9 +70,10 @@ def test_read_recipe_runs_and_reports(tiny_models, tmp_path, capsys):
         assert record["selection_score"] == max(record["epoch_selection_scores"][: record["best_epoch"]])
         assert record["train_examples"] == 24 and record["read_corrected_positions"].startswith("first token")
     assert {r["feature_cache_reused"] for r in records} == {False, True}  # the second variant reuses the entries
-    recipe.main([*common, "--report"])
+    recipe.main([*common, "--report", "--plot", str(tmp_path / "bars.png")])
     table = capsys.readouterr().out
     assert "| pooled |" in table and "| pooled-mlp |" in table
+    assert (tmp_path / "bars.png").stat().st_size > 0
 
 
 def test_learning_curve_plots_existing_records(tmp_path, capsys):
