@@ -75,3 +75,37 @@ def test_plan_and_bad_bench_input(tmp_path, capsys):
 def test_bad_seeds(seeds, tmp_path, capsys):
     assert main(["bench", "--seeds", seeds, "--output-dir", str(tmp_path / "x")]) == 2
     assert "seeds" in capsys.readouterr().err
+
+
+def test_selection_epochs_and_cache_reach_the_cells(tmp_path, capsys):
+    from readapt.bench.runner import protocol_notes
+
+    config = BenchConfig(output_dir=str(tmp_path), tasks=["rte"], methods=["read", "full"], seeds=[1],
+                         selection_fraction=0.2, method_epochs={"read": 12}, cache_features=True)
+    config.validate()
+    specs = {s["method"]: s for s in plan(config)}
+    assert (specs["read"]["epochs"], specs["full"]["epochs"]) == (12, 3)
+    assert specs["read"]["selection_fraction"] == specs["full"]["selection_fraction"] == 0.2
+    assert specs["read"]["cache_features"] and not specs["full"]["cache_features"]  # only READ can replay
+    assert "picks the epoch that scores best on the selection split" in protocol_notes(config)[0]
+    assert main(["bench", "--method-epochs", "read=x", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "expected METHOD=N" in capsys.readouterr().err
+    assert main(["bench", "--methods", "full", "--method-epochs", "read=4", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "not in --methods" in capsys.readouterr().err
+    assert main(["bench", "--selection-fraction", "1.5", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # one training run and one inference process
+def test_a_cell_with_selection_reports_the_dev_score_at_the_selected_epoch(tiny_models, tmp_path):
+    from readapt.bench.worker import run_training
+
+    record = run_training({"task": "rte", "method": "read", "seed": 1, "model": str(tiny_models["bert"]),
+                           "data_dir": str(REAL_GLUE_DIR), "max_train_samples": 30, "max_eval_samples": 8,
+                           "selection_fraction": 0.2, "cache_features": True, "cache_dir": str(tmp_path / "cache"),
+                           "epochs": 3, "batch_size": 8, "max_length": 32, "threads": 1,
+                           "run_dir": str(tmp_path / "cell"), "method_options": {"hidden_size": 8}})
+    best = record["best_epoch"] - 1
+    assert record["score"] == record["epoch_dev_scores"][best] == record["metrics"]["accuracy"]
+    assert record["selection_score"] == max(record["epoch_selection_scores"])
+    assert record["train_examples"] == 24  # 30 rows less the 6 held out to select
