@@ -315,7 +315,7 @@ class CacheEntry:
         """Stream k's position-0 states of every example (E, slots, d) in the storage dtype and, with `pooled`,
         every layer's mean over the example's tokens (E, N, d) in float32: gathered once per process, so that an
         epoch reads a few rows per example instead of walking the memory map example by example. RAM cost:
-        E x d x (2 slots + 4 N) bytes for a float16 cache (all-MiniLM-L6-v2: about 12 KB per example)."""
+        E x d x (2 slots + 4 N) bytes for a float16 cache (all-MiniLM-L6-v2: about 14 KB per example)."""
         key = (k, pooled)
         if key not in self._compact:
             spec, lengths, offsets, values = self.streams[k], self.lengths[k], self.offsets[k], self.maps[k]
