@@ -13,20 +13,14 @@ Usage: python benchmarks/learning_curve.py --task sst2 --read runs/curve-read.js
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
+from readapt.bench.runner import read_results  # JSONL records; a torn last line is ignored
+
 
 def _records(paths: list[str]) -> list[dict]:
-    out = []
-    for path in paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return [r for r in out if r.get("status") == "ok"]
+    return [r for path in paths for r in read_results(Path(path)) if r.get("status") == "ok"]
 
 
 def curve(records: list[dict]) -> list[tuple[int, float, float, int]]:

@@ -33,6 +33,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from readapt.bench.runner import read_results  # JSONL records; a torn last line is ignored
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
 
@@ -115,18 +117,6 @@ def _run(variant: str, task: str, seed: int, args) -> dict:
     }
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line (killed while appending)
-    return out
-
-
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
@@ -139,11 +129,11 @@ def report(path: Path, baseline: list[Path], tasks: tuple[str, ...] = TASKS) -> 
     """Markdown: per variant, dev score mean ± std over seeds per task, the dev average and the selection average
     (the average is over tasks of the per-task means; only variants with every task have one)."""
     rows: dict[str, dict[str, list[dict]]] = {}
-    for record in _records(path):
+    for record in read_results(path):
         if record.get("status") == "ok":
             rows.setdefault(record["variant"], {}).setdefault(record["task"], []).append(record)
     for file in baseline:
-        for record in _records(file):
+        for record in read_results(file):
             if record.get("status") == "ok" and record.get("kind") == "run":
                 rows.setdefault(f"{record['method']} (bench)", {}).setdefault(record["task"], []).append(record)
     lines = ["| variant | " + " | ".join(tasks) + " | avg dev | avg selection | seeds | train CPU s (mean) |",
@@ -170,11 +160,11 @@ def plot(path: Path, baseline: list[Path], out: Path, variants: list[str] | None
     import matplotlib.pyplot as plt
 
     scores: dict[str, dict[str, list[float]]] = {}
-    for record in _records(path):
+    for record in read_results(path):
         if record.get("status") == "ok" and (variants is None or record["variant"] in variants):
             scores.setdefault(record["variant"], {}).setdefault(record["task"], []).append(record["score"])
     for file in baseline:
-        for record in _records(file):
+        for record in read_results(file):
             if record.get("status") == "ok" and record.get("kind") == "run":
                 scores.setdefault(f"{record['method']} fine-tuning", {}).setdefault(record["task"], []).append(record["score"])
     names = list(scores)
@@ -237,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     # a run is done when the same variant, task and seed ran with the same training rows and epochs
     done = {(r["variant"], r["task"], r["seed"], r.get("train_samples"), r.get("epochs"))
-            for r in _records(output) if r.get("status") == "ok"}
+            for r in read_results(output) if r.get("status") == "ok"}
     todo = [(v, t, s) for v in variants for t in tasks for s in seeds
             if (v, t, s, args.train_samples, args.epochs) not in done]
     output.parent.mkdir(parents=True, exist_ok=True)
