@@ -39,11 +39,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
 
 # name -> READ options (--method-option), learning rate, extra `readapt train` arguments. Defaults otherwise
-# (ReadConfig: GRU, r = 256, input projection, mean over layers, scaling 1, h0 zeros, no dropout; lr 1e-3).
+# (ReadConfig: GRU, r = 256, input projection, mean over layers, scaling 1, h0 zeros, no dropout, sequence context
+# "auto" = "segments" on this encoder; lr 1e-3).
 VARIANTS: dict[str, dict] = {
     "per-token": {"options": {"sequence_context": "none"}},
     "mean": {"options": {"sequence_context": "mean"}},
     "pooled": {"options": {"sequence_context": "pooled"}},
+    "segments": {"options": {"sequence_context": "segments"}},
+    "segments-r64": {"options": {"sequence_context": "segments", "hidden_size": 64}},
+    "segments-r512": {"options": {"sequence_context": "segments", "hidden_size": 512}},
+    "segments-lstm": {"options": {"sequence_context": "segments", "rnn_type": "lstm"}},
+    "segments-rnn": {"options": {"sequence_context": "segments", "rnn_type": "rnn"}},
+    "segments-mlp": {"options": {"sequence_context": "segments", "rnn_type": "mlp"}},
+    "segments-last": {"options": {"sequence_context": "segments", "aggregation": "last"}},
     "pooled-lr3e-4": {"options": {"sequence_context": "pooled"}, "lr": 3e-4},
     "pooled-lr3e-3": {"options": {"sequence_context": "pooled"}, "lr": 3e-3},
     "pooled-r32": {"options": {"sequence_context": "pooled", "hidden_size": 32}},

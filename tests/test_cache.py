@@ -23,11 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REAL_GLUE_DIR, REPO_ROOT, needs_real_glue
-from readapt.cache import FeatureCache
+from readapt.cache import FeatureCache, second_text_start
 from readapt.cli import main
 from readapt.config import ReadConfig
 from readapt.data import Collator
@@ -40,23 +41,26 @@ WORDS = ("good", "bad", "fine", "awful", "great", "terrible", "movie", "plot", "
          "short")
 
 
-def _write_task(folder: Path, train_rows: int = 40, dev_rows: int = 20) -> tuple[Path, Path]:
+def _write_task(folder: Path, train_rows: int = 40, dev_rows: int = 20, pairs: bool = False) -> tuple[Path, Path]:
     rng = random.Random(0)
     paths = []
     for name, rows in (("train", train_rows), ("dev", dev_rows)):
         path = folder / f"{name}.jsonl"
         with open(path, "w") as f:
             for i in range(rows):
-                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 15)))
-                f.write(json.dumps({"text": text, "label": ["neg", "pos"][i % 2]}) + "\n")
+                row = {"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 15))), "label": ["neg", "pos"][i % 2]}
+                if pairs:
+                    row["text2"] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))
+                f.write(json.dumps(row) + "\n")
         paths.append(path)
     return paths[0], paths[1]
 
 
-def _config(tmp_path: Path, model: Path, **overrides) -> TrainingConfig:
-    train_file, dev_file = _write_task(tmp_path)
+def _config(tmp_path: Path, model: Path, pairs: bool = False, **overrides) -> TrainingConfig:
+    train_file, dev_file = _write_task(tmp_path, pairs=pairs)
+    columns = ["text", "text2"] if pairs else ["text"]
     settings = dict(
-        data=DataConfig(train_file=str(train_file), validation_file=str(dev_file), text_columns=["text"]),
+        data=DataConfig(train_file=str(train_file), validation_file=str(dev_file), text_columns=columns),
         model=str(model), epochs=2, batch_size=8, eval_batch_size=16, max_length=32, progress=False,
         output_dir=str(tmp_path / "run"), overwrite=True, cache_dir=str(tmp_path / "cache"),
         method_options={"hidden_size": 16},
@@ -98,10 +102,14 @@ def _read_model(folder: Path, config: ReadConfig):
     return model, loaded
 
 
-def _features(loaded, count: int = 11) -> list[dict]:
+def _features(loaded, count: int = 11, pairs: bool = False) -> list[dict]:
     rng = random.Random(1)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))) for _ in range(count)]
-    ids = loaded.tokenizer(texts, truncation=True, max_length=24).input_ids
+    if pairs:  # every other row a pair of texts
+        ids = [loaded.tokenizer(text, *([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))] if i % 2 else []),
+                                truncation=True, max_length=24).input_ids for i, text in enumerate(texts)]
+    else:
+        ids = loaded.tokenizer(texts, truncation=True, max_length=24).input_ids
     if loaded.text_to_text:
         targets = loaded.tokenizer([rng.choice(["positive", "negative sentiment"]) for _ in texts]).input_ids
         return [{"input_ids": i, "labels": t} for i, t in zip(ids, targets, strict=True)]
@@ -145,13 +153,14 @@ def test_replay_on_the_same_batches_is_bit_exact(kind, options, tiny_models, tmp
 
 
 @pytest.mark.parametrize("options", [{"sequence_context": "none"}, {"sequence_context": "pooled"},
-                                     {"h0": "embeddings", "rnn_type": "lstm"}])  # the default context: "pooled" here
+                                     {"sequence_context": "segments"},
+                                     {"h0": "embeddings", "rnn_type": "lstm"}])  # the default context: "segments" here
 def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp_path):
     """A BERT head reads [CLS]: replaying position 0 only (and, for the pooled context, each layer's mean over the
     example's tokens) with the model correcting [CLS] alone gives the loss and gradients of the live model with
     the full correction (float32 cache; to float rounding: the matrix products run on fewer rows)."""
     model, loaded = _read_model(tiny_models["bert"], ReadConfig(hidden_size=16, **options))
-    features = _features(loaded)
+    features = _features(loaded, pairs=True)
     collator = Collator(loaded.tokenizer.pad_token_id, False, False)
     cache = FeatureCache(model, loaded.tokenizer, max_length=24, text_to_text=False, directory=tmp_path, dtype="float32")
     plan = cache.plan("train", [(model.adapted_stacks[0].name, [f["input_ids"] for f in features])])
@@ -164,7 +173,12 @@ def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp
         live.backward()
         live_gradients = _gradients(model)
         model.zero_grad()
-        replay = entry.batch(rows, first_token=True, pooled=model.read_config.sequence_context == "pooled")
+        context = model.read_config.sequence_context
+        starts = None
+        if context == "segments":
+            starts = np.array([second_text_start(f["input_ids"], model.read_config.separator_token_id) for f in features])
+            assert (starts < [len(f["input_ids"]) for f in features]).any()  # some rows are pairs
+        replay = entry.batch(rows, first_token=True, pooled=context in ("pooled", "segments"), second_text_starts=starts)
         assert replay.calls[0].states.shape[2] == 1
         with model.correcting_positions(slice(0, 1)), model.replaying(replay):
             cached = model(**batch).loss
@@ -175,13 +189,16 @@ def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp
         model.zero_grad()
 
 
-def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(tiny_models, tmp_path, step_losses,
+@pytest.mark.parametrize("context", ["pooled", "segments"])
+def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(context, tiny_models, tmp_path, step_losses,
                                                                             monkeypatch):
     """The training loop finds that the BERT head reads [CLS] only and corrects that position alone (recorded in
-    metrics.json); the losses are those of a run that corrects every token. T5 and a decoder-only head: every token."""
+    metrics.json); the losses are those of a run that corrects every token. T5 and a decoder-only head: every token.
+    ("segments": on pairs of texts.)"""
     import readapt.training as training
 
-    config = _config(tmp_path, tiny_models["bert"], method_options={"hidden_size": 16, "sequence_context": "pooled"})
+    config = _config(tmp_path, tiny_models["bert"], pairs=context == "segments",
+                     method_options={"hidden_size": 16, "sequence_context": context})
     first, metrics = _train_losses(config, step_losses)
     assert metrics["read_corrected_positions"].startswith("first token")
     monkeypatch.setattr(training, "_corrects_first_token_only", lambda *args: False)
@@ -189,14 +206,17 @@ def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(tiny
     assert every_metrics["read_corrected_positions"] == "every token"
     assert first == pytest.approx(every, rel=1e-5)
     monkeypatch.undo()
+    if context == "segments":
+        return
     for kind in ("t5", "llama"):
         _, metrics = _train_losses(_config(tmp_path, tiny_models[kind]), step_losses)
         assert metrics["read_corrected_positions"] == "every token", kind
 
 
-@pytest.mark.parametrize("kind", ["bert", "bert-pooled", "t5", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "bert-pooled", "bert-pairs", "t5", "llama"])
 def test_training_from_float32_cache_matches_live(kind, tiny_models, tmp_path, step_losses):
-    config = _config(tmp_path, tiny_models[kind.split("-")[0]], cache_dtype="float32")
+    """("bert": the default context, "segments", on single texts; "bert-pairs": on pairs of texts)"""
+    config = _config(tmp_path, tiny_models[kind.split("-")[0]], pairs=kind == "bert-pairs", cache_dtype="float32")
     if kind == "bert-pooled":
         config.method_options = {"hidden_size": 16, "sequence_context": "pooled"}
     live, live_metrics = _train_losses(config, step_losses)

@@ -120,7 +120,8 @@ class CachedCall:
     states: torch.Tensor  # (N, B, T, d)
     final: torch.Tensor  # (B, T, d): the stack's output
     embeddings: torch.Tensor | None  # (B, T, d)
-    # READ's "pooled" context, (N, B, 1, d), when `states` hold some positions only (ReadModel.correcting_positions)
+    # READ's "pooled" context, (N, B, 1, d), or "segments" (N, B, 3, d: all tokens, first text, second text), when
+    # `states` hold some positions only (ReadModel.correcting_positions)
     pooled: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> CachedCall:
@@ -273,14 +274,17 @@ class CacheEntry:
         self.offsets = [np.asarray(s["offsets"], dtype=np.int64) for s in index["streams"]]
         self.maps = [np.memmap(path / s["file"], dtype=self.storage, mode="r") for s in manifest["streams"]]
         self.bytes = sum(s["bytes"] for s in manifest["streams"]) + (path / INDEX).stat().st_size
-        self._compact: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray | None]] = {}  # _first_token_arrays
+        self._compact: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}  # _first_token_arrays
 
-    def batch(self, indices: Sequence[int], first_token: bool = False, pooled: bool = False) -> CachedBatch:
+    def batch(self, indices: Sequence[int], first_token: bool = False, pooled: bool = False,
+              second_text_starts: np.ndarray | None = None) -> CachedBatch:
         """`first_token`: the states of position 0 only (a head that reads [CLS]; the model corrects that
         position alone, ReadModel.correcting_positions), the final output zero elsewhere; `pooled`: with each
-        layer's mean over the example's tokens (READ's "pooled" context), computed in float32."""
+        layer's mean over the example's tokens (READ's "pooled" context), computed in float32, and with
+        `second_text_starts` (every example's first position of its second text, its length if it has none;
+        the "segments" context) the means over all tokens, the first text's and the second text's."""
         if first_token:
-            return self._first_token_batch(indices, pooled)
+            return self._first_token_batch(indices, pooled, second_text_starts)
         calls = []
         for spec, lengths, offsets, values in zip(self.streams, self.lengths, self.offsets, self.maps, strict=True):
             slots, width = spec.slots, spec.hidden_size
@@ -297,39 +301,57 @@ class CacheEntry:
         return CachedBatch(calls)
 
 
-    def _first_token_batch(self, indices: Sequence[int], pooled: bool) -> CachedBatch:
+    def _first_token_batch(self, indices: Sequence[int], pooled: bool, second_text_starts) -> CachedBatch:
         calls = []
         for k, spec in enumerate(self.streams):
-            first, means = self._first_token_arrays(k, pooled)
+            first, means = self._first_token_arrays(k, pooled, second_text_starts)
             rows = np.asarray(indices, dtype=np.int64)
             stored = torch.from_numpy(first[rows]).view(self.meaning).float().transpose(0, 1).unsqueeze(2)  # (slots, B, 1, d)
             layers = spec.num_layers
             final = torch.zeros(len(rows), int(self.lengths[k][rows].max()), spec.hidden_size)  # the head reads position 0 only
             final[:, :1] = stored[layers] if spec.final else stored[layers - 1]
             embeddings = stored[layers + int(spec.final)] if spec.embeddings and self.want_embeddings else None
-            pooled_states = None if means is None else torch.from_numpy(means[rows]).transpose(0, 1).unsqueeze(2)
+            pooled_states = None if means is None else torch.from_numpy(means[rows]).transpose(0, 1)  # (N, B, 1|3, d)
             calls.append(CachedCall(spec.stack, stored[:layers], final, embeddings, pooled_states))
         return CachedBatch(calls)
 
-    def _first_token_arrays(self, k: int, pooled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _first_token_arrays(self, k: int, pooled: bool, second_text_starts=None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stream k's position-0 states of every example (E, slots, d) in the storage dtype and, with `pooled`,
-        every layer's mean over the example's tokens (E, N, d) in float32: gathered once per process, so that an
-        epoch reads a few rows per example instead of walking the memory map example by example. RAM cost:
-        E x d x (2 slots + 4 N) bytes for a float16 cache (all-MiniLM-L6-v2: about 14 KB per example)."""
-        key = (k, pooled)
+        every layer's mean over the example's tokens (E, N, 1, d) in float32 (with `second_text_starts`: also
+        the first and second texts' means, (E, N, 3, d), zero for no second text): gathered once per process, so
+        that an epoch reads a few rows per example instead of walking the memory map example by example. RAM cost:
+        E x d x (2 slots + 4 N) bytes for a float16 cache with "pooled" (all-MiniLM-L6-v2: about 14 KB per
+        example; "segments": 32 KB)."""
+        key = (k, pooled, second_text_starts is not None)
         if key not in self._compact:
             spec, lengths, offsets, values = self.streams[k], self.lengths[k], self.offsets[k], self.maps[k]
             slots, width, layers = spec.slots, spec.hidden_size, spec.num_layers
+            if second_text_starts is not None and len(second_text_starts) != len(lengths):
+                raise RuntimeError(f"{len(second_text_starts)} second-text positions for {len(lengths)} cached examples")
             first = np.empty((len(lengths), slots, width), dtype=self.storage)
-            means = np.empty((len(lengths), layers, width), dtype=np.float32) if pooled else None
+            parts = 3 if second_text_starts is not None else 1
+            means = np.zeros((len(lengths), layers, parts, width), dtype=np.float32) if pooled else None
             for index, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
                 start = int(offset) * slots * width
                 block = values[start: start + slots * int(length) * width].reshape(slots, int(length), width)
                 first[index] = block[:, 0]
                 if means is not None:
-                    means[index] = torch.from_numpy(np.array(block[:layers])).view(self.meaning).float().mean(1).numpy()
+                    states = torch.from_numpy(np.array(block[:layers])).view(self.meaning).float()  # (N, L, d)
+                    means[index, :, 0] = states.mean(1).numpy()
+                    if parts == 3:
+                        split = min(int(second_text_starts[index]), int(length))
+                        means[index, :, 1] = states[:, :split].mean(1).numpy()
+                        if split < length:
+                            means[index, :, 2] = states[:, split:].mean(1).numpy()
             self._compact[key] = (first, means)
         return self._compact[key]
+
+
+def second_text_start(input_ids: Sequence[int], separator_token_id: int) -> int:
+    """The first position after the first separator token (where a pair's second text starts; the "segments"
+    context, as side_network.second_text_mask), or the length when there is none."""
+    ids = list(input_ids)
+    return ids.index(separator_token_id) + 1 if separator_token_id in ids else len(ids)
 
 
 def indexed(features: list[dict]) -> list[dict]:
@@ -344,15 +366,18 @@ class CachedCollator:
         self.collator = collator
         self.plan = plan
         # Set when the model corrects [CLS] alone (its head reads nothing else): replay that position only, and
-        # with READ's "pooled" context every layer's mean over the tokens.
+        # with READ's "pooled" context every layer's mean over the tokens ("segments": and per text, split where
+        # `second_text_starts` says, one position per example).
         self.first_token = False
         self.pooled = False
+        self.second_text_starts: np.ndarray | None = None
 
     def __call__(self, features: list[dict]) -> dict:
         if self.plan.entry is None:
             raise RuntimeError(f"the {self.plan.label} feature cache is used before it was built")
         batch = self.collator(features)
-        batch[CACHED_FEATURES] = self.plan.entry.batch([f[CACHE_INDEX] for f in features], self.first_token, self.pooled)
+        batch[CACHED_FEATURES] = self.plan.entry.batch([f[CACHE_INDEX] for f in features], self.first_token, self.pooled,
+                                                       self.second_text_starts)
         return batch
 
 

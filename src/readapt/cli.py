@@ -170,9 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--read-h0", choices=H0_MODES)
     read.add_argument("--read-dropout", type=float)
     read.add_argument("--read-sequence-context", choices=SEQUENCE_CONTEXTS,
-                      help="what every token's correction also sees of its sequence: mean = the mean of the tokens' "
-                           "RNN summaries; pooled = the RNN's summary of every layer's mean over the tokens (lets a "
-                           "[CLS] head and the feature cache work on [CLS] alone); none = its own states only")
+                      help="what every token's correction also sees of its sequence: segments = every layer's mean "
+                           "over the tokens and how the means of a pair's two texts compare, in the RNN's input; "
+                           "pooled = the RNN's summary of every layer's mean over the tokens (both let a [CLS] head "
+                           "and the feature cache work on [CLS] alone); mean = the mean of the tokens' RNN summaries; "
+                           "none = its own states only; auto (default) = segments on encoders (pooled without a "
+                           "separator token), none elsewhere")
     read.add_argument("--no-read-input-projection", dest="read_input_projection", action="store_false", default=None,
                       help="feed d-wide states to the RNN")
     read.add_argument("--couple-encoder", action="store_true", default=None, help="encoder-decoder ablation (see docs)")

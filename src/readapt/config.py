@@ -16,10 +16,11 @@ from readapt.errors import ConfigError
 RNN_TYPES = ("gru", "lstm", "rnn", "mlp")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
-# "auto" (the default) is resolved when READ meets its backbone (ReadConfig.resolved_for): "pooled" for encoder-only
-# models (measured on all-MiniLM-L6-v2, docs/results/read-recipe-cpu/), "none" elsewhere: decoder-only models keep
-# KV-cache generation and prompt-cache label scoring, and no T5 weights were available to measure it on.
-SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled")
+# "auto" (the default) is resolved when READ meets its backbone (ReadConfig.resolved_for): "segments" for encoder-only
+# models with a known separator token, else "pooled" (both measured on all-MiniLM-L6-v2, docs/results/read-recipe-cpu/),
+# "none" elsewhere: decoder-only models keep KV-cache generation and prompt-cache label scoring, and no T5 weights
+# were available to measure it on.
+SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled", "segments")
 STACK_NAMES = ("encoder", "decoder")
 # Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
@@ -61,7 +62,15 @@ class ReadConfig:
     # [CLS] needs the RNN on [CLS] and that one pooled sequence, and the feature cache replays two vectors per
     # layer. No extra parameters. Not for the decoder of an encoder-decoder model. Decoder-only generation then
     # recomputes the whole sequence at each new token (no KV cache): the running mean needs every earlier token.
+    # "segments" (encoder stacks only): every token's RNN input at layer i also gets a projection of
+    # [m_i; a_i * b_i; |a_i - b_i|], m_i the layer's mean over the real tokens, a_i and b_i the means over the
+    # first text (up to and including the first separator token) and the second one (the rest; zero for a single
+    # text), each RMS-normalised: what a sentence-pair task needs to compare its two texts. One more weight
+    # matrix (3d x r); a [CLS]-reading head needs the RNN on [CLS] alone, and the cache replays three vectors per layer.
     sequence_context: str = "auto"
+    # The token that ends the first text ("segments" context): None takes the backbone config's sep_token_id
+    # (readapt's loader sets it from the tokenizer); the training recipe needs nothing here.
+    separator_token_id: int | None = None
     # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
     # gradients flow through the frozen decoder (more memory); it exists for ablations.
     couple_encoder: bool = False
@@ -101,6 +110,11 @@ class ReadConfig:
         for name in ("input_projection", "couple_encoder", "encoder_context", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ReadConfig.{name}={getattr(self, name)!r} is invalid; allowed values: true, false")
+        if self.separator_token_id is not None and (isinstance(self.separator_token_id, bool)
+                                                    or not isinstance(self.separator_token_id, int)
+                                                    or self.separator_token_id < 0):
+            raise ConfigError(f"ReadConfig.separator_token_id={self.separator_token_id!r} is invalid; it must be a "
+                              "token id (an integer >= 0) or None")
         if self.rnn_type == "mlp" and (self.h0 != "zeros" or self.num_rnn_layers != 1):
             raise ConfigError("ReadConfig.rnn_type='mlp' (no recurrence) takes h0='zeros' and num_rnn_layers=1 only")
         if self.stacks is not None:
@@ -116,12 +130,25 @@ class ReadConfig:
                 raise ConfigError("ReadConfig.head_modules must be a list of module names or None")
             self.head_modules = list(self.head_modules)
 
-    def resolved_for(self, family: str) -> ReadConfig:
+    def resolved_for(self, family: str, separator_token_id: int | None = None) -> ReadConfig:
         """This config with sequence_context="auto" replaced by what it means for a backbone `family`
-        (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only"); saved adapters hold the result."""
-        if self.sequence_context != "auto":
-            return self
-        return dataclasses.replace(self, sequence_context="pooled" if family == "encoder-only" else "none")
+        (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and, for "segments", the separator
+        filled in from `separator_token_id` (the backbone's) when not set; saved adapters hold the result."""
+        config = self
+        if config.separator_token_id is None and separator_token_id is not None:
+            config = dataclasses.replace(config, separator_token_id=separator_token_id)
+        if config.sequence_context == "auto":
+            if family != "encoder-only":
+                context = "none"
+            else:
+                context = "segments" if config.separator_token_id is not None else "pooled"
+            config = dataclasses.replace(config, sequence_context=context)
+        if config.sequence_context != "segments":
+            config = dataclasses.replace(config, separator_token_id=self.separator_token_id)
+        elif config.separator_token_id is None:
+            raise ConfigError("ReadConfig.sequence_context='segments' needs the token that ends the first text: set "
+                              "separator_token_id=tokenizer.sep_token_id (this backbone's config has no sep_token_id)")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

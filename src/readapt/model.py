@@ -52,7 +52,7 @@ from readapt.config import ReadConfig
 from readapt.errors import ConfigError, IncompatibleAdapterError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from readapt.offload import is_dispatched, side_network_device
-from readapt.side_network import ReadSideNetwork, pool_states
+from readapt.side_network import ReadSideNetwork, pool_states, second_text_mask
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -180,7 +180,8 @@ class ReadModel(FrozenBackboneWrapper):
             raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
         _check_adapter_name(adapter_name)
         info = describe_backbone(backbone)
-        config = config.resolved_for(info.family)  # sequence_context="auto"
+        # sequence_context="auto", and the separator token of "segments" (readapt's loader copies the tokenizer's)
+        config = config.resolved_for(info.family, getattr(getattr(backbone, "config", None), "sep_token_id", None))
         self.backbone = backbone
         self.read_config = config
         self.info: BackboneInfo = info
@@ -203,6 +204,7 @@ class ReadModel(FrozenBackboneWrapper):
         self._shared_calls: list[CachedCall] | None = None  # run_adapters: the first adapter's stack calls
         self._positions: slice | None = None  # correcting_positions: the token positions the side networks see
         self._outer_mask: torch.Tensor | None = None  # the 2D attention mask of the running backbone call
+        self._outer_input_ids: torch.Tensor | None = None  # its token ids (where "segments" finds the second text)
         self._hooks: list = []
         self._wrapped: list[nn.Module] = []
         self._embedding_hooks = False
@@ -333,9 +335,20 @@ class ReadModel(FrozenBackboneWrapper):
             if self._shared_calls is not None:  # run_adapters: keep the states, unnormalised, for the others
                 keep = self._positions or slice(None)  # correcting_positions: the other positions are never read
                 pooled = None
-                if self._positions is not None and any(c.sequence_context == "pooled" for c in self.adapter_configs.values()):
-                    pooled = pool_states(capture.states, self._token_mask(kwargs, _first_tensor(output)),
-                                         self.read[stack.name].causal)[:, :, keep]  # before the states are cut
+                contexts = {c.sequence_context for c in self.adapter_configs.values()}
+                if self._positions is not None and contexts & {"pooled", "segments"}:
+                    final = _first_tensor(output)
+                    # per text if any adapter compares texts (a "pooled" one takes the first of the three means)
+                    separators = [c.separator_token_id for c in self.adapter_configs.values()
+                                  if c.sequence_context == "segments"]
+                    if len(set(separators)) > 1:
+                        raise ConfigError("run_adapters: 'segments' adapters with different separator tokens "
+                                          f"({sorted(set(separators))}) cannot share one backbone pass")
+                    second = self._second_text(separators[0], final) if separators else None
+                    pooled = pool_states(capture.states, self._token_mask(kwargs, final), self.read[stack.name].causal,
+                                         second)  # before the states are cut
+                    if second is None:
+                        pooled = pooled[:, :, keep]  # a causal running mean has one row per position
                 self._shared_calls.append(CachedCall(
                     stack.name, capture.states[:, :, keep].clone(), _first_tensor(output),
                     None if capture.embeddings is None else capture.embeddings[:, keep].clone(), pooled))
@@ -359,9 +372,20 @@ class ReadModel(FrozenBackboneWrapper):
     def _pick_up_attention_mask(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._outer_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._outer_input_ids = input_ids if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
 
     def _drop_attention_mask(self, module, args, output) -> None:
         self._outer_mask = None
+        self._outer_input_ids = None
+
+    def _second_text(self, separator_token_id: int, final: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the stack's positions in the second text ("segments" context), from the call's token ids."""
+        input_ids = self._outer_input_ids
+        if input_ids is None or tuple(input_ids.shape) != tuple(final.shape[:2]):
+            raise ConfigError("READ's 'segments' sequence context finds the second text from the token ids: call "
+                              "the model with input_ids (not inputs_embeds)")
+        return second_text_mask(input_ids.to(final.device), separator_token_id)
 
     def _token_mask(self, kwargs, final: torch.Tensor) -> torch.Tensor | None:
         """(B, T) with 1 = real token, for sequence context: the stack's own 2D mask, else the caller's, else one
@@ -473,6 +497,10 @@ class ReadModel(FrozenBackboneWrapper):
         # correcting_positions: the side networks see those positions only (states that run_adapters or the feature
         # cache kept are cut already: fewer positions than the final state, or all of them, which cutting again
         # leaves unchanged). The "pooled" context is taken over every real token first.
+        if side_network.sequence_context == "segments" and pooled is None:  # pooled per text, over every real token
+            if states.shape[2] != final.shape[1]:
+                raise RuntimeError("READ got the states of some positions only, without their pooled context")
+            pooled = pool_states(states, token_mask, False, self._second_text(side_network.separator_token_id, final))
         if positions is not None and states.shape[2] == final.shape[1]:
             if side_network.sequence_context == "pooled" and pooled is None:
                 pooled = pool_states(states, token_mask, side_network.causal)[:, :, positions]
@@ -482,7 +510,7 @@ class ReadModel(FrozenBackboneWrapper):
             if positions is None:
                 raise RuntimeError(f"READ got the states of {states.shape[2]} of {final.shape[1]} positions outside "
                                    "correcting_positions")
-            if pooled is None and side_network.sequence_context == "pooled":
+            if pooled is None and side_network.sequence_context in ("pooled", "segments"):
                 raise RuntimeError("READ got the states of some positions only, without their pooled context")
         if self._capture_device is not None:  # a dispatched backbone: everything READ computes on one device
             side = self._capture_device
@@ -605,7 +633,7 @@ class ReadModel(FrozenBackboneWrapper):
         the logits are those of the full correction, to float rounding (the RNN's matrix products run on fewer
         rows), at a fraction of the side networks' cost: on all-MiniLM-L6-v2 with r = 256 the side network
         costs a fifth to a third of a backbone pass when it runs over every token (benchmarks/predict.py). With the
-        "pooled" sequence context the pooled sequence is still taken over every real token. Not with the "mean"
+        "pooled" and "segments" sequence contexts the pooled states are still taken over every real token. Not with the "mean"
         context (every position's correction needs every token's RNN summary). Single-stack (encoder-only / decoder-only) models
         only: a decoder side network attends over every corrected encoder position."""
         if len(self.adapted_stacks) != 1:

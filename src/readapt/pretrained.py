@@ -140,6 +140,9 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     # A checkpoint's own classification head of another size is replaced: the head is trained anyway.
     model = _from_pretrained(AutoModelForSequenceClassification, source, name_or_path, dict(
         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **problem, **kwargs))
+    if getattr(model.config, "sep_token_id", None) is None and tokenizer.sep_token_id is not None:
+        # where a text pair's second text starts: READ's "segments" context reads it from here
+        model.config.sep_token_id = tokenizer.sep_token_id
     return LoadedBackbone(model.eval(), tokenizer, False, description)
 
 

@@ -14,10 +14,14 @@ Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
          "pooled": the same RNN's summary of the per-layer mean of the real tokens' raw
                    states (the sentence embedding of every layer), one more sequence   (B, 1, r)
          causal stacks (decoder-only) average over the real tokens up to and including each one (B, T, r)
+      (or, "segments", before the RNN: every token's input at layer i gets W_c [m_i; a_i*b_i; |a_i-b_i|],
+         m_i, a_i, b_i the RMS-normalised means of layer i's states over all real tokens, the first
+         text's and the second text's (zero for one text): the RNN sees how the two texts compare)
       -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
 
 "pooled" lets a head that reads one position (BERT's [CLS]) run the RNN on that position plus one pooled
-sequence instead of every token, and lets the feature cache keep two vectors per layer and example.
+sequence instead of every token, and lets the feature cache keep two vectors per layer and example ("segments":
+the RNN on [CLS] alone, four vectors per layer).
 
 The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
 untrained side network changes nothing, bit for bit.
@@ -69,12 +73,26 @@ def _rows(tensor: torch.Tensor | None, part: slice) -> torch.Tensor | None:
     return None if tensor is None else tensor[part]
 
 
+def second_text_mask(input_ids: torch.Tensor, separator_token_id: int) -> torch.Tensor:
+    """(B, T) bool: the positions after each row's first separator token (the second text of a pair; none for a
+    single text). Padding is not excluded here (the token mask does that)."""
+    separators = (input_ids == separator_token_id).to(torch.int32)
+    return (separators.cumsum(-1) - separators) > 0
+
+
 @torch.no_grad()
-def pool_states(layer_states: torch.Tensor, token_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def pool_states(layer_states: torch.Tensor, token_mask: torch.Tensor | None, causal: bool,
+                second_text: torch.Tensor | None = None) -> torch.Tensor:
     """The per-layer mean of the real tokens' raw states, (N, B, 1, d); causal: the running mean up to each
-    token, (N, B, T, d). `token_mask` (B, T), 1 = real token; None: every position is real."""
+    token, (N, B, T, d). `token_mask` (B, T), 1 = real token; None: every position is real. With `second_text`
+    (B, T) bool (`second_text_mask`; not causal): (N, B, 3, d), the means over all real tokens, the first text's
+    and the second text's (zero where a row has no second text)."""
     if token_mask is None:
         token_mask = layer_states.new_ones(layer_states.shape[1:3])
+    if second_text is not None:
+        real = token_mask.to(torch.bool)
+        masks = (real, real & ~second_text, real & second_text)
+        return torch.cat([pool_states(layer_states, m, False) for m in masks], dim=2)
     weights = token_mask.to(layer_states.dtype)[None, :, :, None]  # (1, B, T, 1)
     weighted = layer_states * weights
     if causal:
@@ -115,8 +133,15 @@ class ReadSideNetwork(nn.Module):
         self.chunk_tokens = config.recompute_chunk_tokens
         self.num_rnn_layers = config.num_rnn_layers
         self.sequence_context = config.sequence_context
+        self.separator_token_id = config.separator_token_id
+        if causal and config.sequence_context == "segments":
+            raise ConfigError("ReadConfig.sequence_context='segments' compares the two texts of the whole input, which a "
+                              "decoder-only stack's tokens cannot see; use 'pooled' (a running mean) or 'none'")
         self.input_projection = nn.Linear(model_dim, r) if config.input_projection else None
         rnn_input = r if config.input_projection else model_dim
+        # "segments": [m; a*b; |a-b|] per layer -> the RNN's input width (the input projection carries the bias)
+        self.segments_projection = (nn.Linear(3 * model_dim, rnn_input, bias=False)
+                                    if config.sequence_context == "segments" else None)
         self.h0_projection = nn.Linear(model_dim, r) if config.h0 == "embeddings" else None
         self.encoder_context = EncoderContext(rnn_input, encoder_dim, r, self.eps) if encoder_dim else None
         extra = {}
@@ -148,10 +173,18 @@ class ReadSideNetwork(nn.Module):
         """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed). `token_mask`
         (B, T), 1 = real token, is what sequence context averages over (None: every position is real).
         `pooled_states` ("pooled" context; consumed too): `pool_states` of the whole sequence, for a caller that
-        passes the states of some positions only (a head that reads [CLS]; the feature cache); else computed here."""
-        if self.sequence_context == "pooled":
+        passes the states of some positions only (a head that reads [CLS]; the feature cache); else computed here.
+        "segments" needs `pooled_states` (N, B, 3, d) from `pool_states(..., second_text=...)`: only the caller has
+        the token ids that say where the second text starts."""
+        if self.sequence_context == "segments":
+            if pooled_states is None or pooled_states.shape[2] != 3:
+                raise RuntimeError("READ's 'segments' context needs the per-text pooled states (N, B, 3, d)")
+            rms_normalize_(pooled_states, self.eps)
+        elif self.sequence_context == "pooled":
             if pooled_states is None:
                 pooled_states = pool_states(layer_states, token_mask, self.causal)
+            elif not self.causal and pooled_states.shape[2] == 3:  # pooled per text (another adapter's): the mean
+                pooled_states = pooled_states[:, :, :1]
             rms_normalize_(pooled_states, self.eps)
         else:
             pooled_states = None
@@ -163,7 +196,7 @@ class ReadSideNetwork(nn.Module):
         elif token_mask is None:
             token_mask = layer_states.new_ones(layer_states.shape[1:3])
         sequences = layer_states.shape[1] * layer_states.shape[2]  # one RNN sequence per token (and pooled row)
-        if pooled_states is not None:
+        if pooled_states is not None and self.sequence_context == "pooled":
             sequences += pooled_states.shape[1] * pooled_states.shape[2]
         # Recomputation bounds the activations alive at once to one chunk; a batch within one chunk (e.g. [CLS]
         # alone) keeps them at that bound anyway, so it would only run the RNN twice.
@@ -187,10 +220,17 @@ class ReadSideNetwork(nn.Module):
                     pooled_states=None) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape
         x = layer_states.view(n_layers, batch * tokens, model_dim)
+        segments = None
+        if self.segments_projection is not None:
+            segments, pooled_states = pooled_states, None
         if pooled_states is not None:  # "pooled": the pooled sequences run through the same RNN, after the tokens
             x = torch.cat([x, pooled_states.reshape(n_layers, -1, model_dim)], dim=1)
         if self.input_projection is not None:
             x = self.input_projection(x)
+        if segments is not None:  # how the two texts compare, added to every token's input (N, B, 1, r)
+            whole, first, second = segments.unbind(dim=2)
+            compared = self.segments_projection(torch.cat([whole, first * second, (first - second).abs()], dim=-1))
+            x = (x.view(n_layers, batch, tokens, -1) + compared.unsqueeze(2)).view(n_layers, batch * tokens, -1)
         x = self.dropout(x)
 
         h0 = None

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from readapt.answers import candidate_scores, causal_lm_loss, generate_texts, no_kv_cache
-from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
+from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed, second_text_start
 from readapt.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -614,10 +614,14 @@ class _CacheJobs:
         self.collators.append(CachedCollator(collator, plan))
         return indexed(features), self.collators[-1]
 
-    def replay_first_token_only(self, pooled: bool) -> None:
+    def replay_first_token_only(self, read_config) -> None:
         """The model corrects [CLS] alone: every split replays that position (and the pooled means) only."""
-        for collator in self.collators:
-            collator.first_token, collator.pooled = True, pooled
+        context = read_config.sequence_context
+        for (_plan, features, *_), collator in zip(self.jobs, self.collators, strict=True):
+            collator.first_token, collator.pooled = True, context in ("pooled", "segments")
+            if context == "segments":  # where each example's second text starts, from its token ids
+                collator.second_text_starts = np.array(
+                    [second_text_start(f["input_ids"], read_config.separator_token_id) for f in features], dtype=np.int64)
 
     def stack_calls(self, features: list[dict], candidates: Candidates | None) -> list[tuple[str, list[list[int]]]]:
         """The adapted stack calls of one forward pass (training step, or prediction when scoring candidates),
@@ -735,7 +739,7 @@ def _train(config, method, task, train_examples, dev_examples, loaded, model, ru
         feature_cache.cache.check_budget([job[0] for job in feature_cache.jobs])
     first_token = _corrects_first_token_only(model, train_features, collator, loaded)
     if first_token and feature_cache is not None:
-        feature_cache.replay_first_token_only(pooled=model.read_config.sequence_context == "pooled")
+        feature_cache.replay_first_token_only(model.read_config)
 
     no_cache = no_kv_cache(loaded.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
