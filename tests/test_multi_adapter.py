@@ -212,6 +212,30 @@ def test_pooled_context_adapters_share_a_cls_only_pass(bert_adapters, tmp_path):
         torch.testing.assert_close(logits.logits, alone[name], rtol=0, atol=1e-5)
 
 
+def test_segments_context_adapters_share_a_cls_only_pass(bert_adapters, tmp_path):
+    """A "segments" adapter (the texts' means, taken over every real token before the states are cut) next to a
+    "pooled" and a per-token one: one backbone pass, [CLS]-only side networks, each adapter's logits alone."""
+    folder, adapters, batch = bert_adapters
+    separator = int(batch["input_ids"][0, 3])  # row 0 (at least) is a pair
+    directories = {"seg": tmp_path / "seg", "pool": tmp_path / "pool"}
+    for seed, (name, context) in enumerate((("seg", "segments"), ("pool", "pooled"))):
+        torch.manual_seed(seed)
+        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context=context,
+                                                     separator_token_id=separator), _labelled(batch, 2), directories[name])
+    model = ReadModel.from_pretrained(_bert(folder, 2), directories["seg"], adapter_name="seg")
+    model.load_adapter(directories["pool"], "pool")
+    model.load_adapter(adapters["two"], "two")
+    alone = {name: _alone(_bert(folder, 2), directory, batch)
+             for name, directory in {**directories, "two": adapters["two"]}.items()}
+    counter = LayerCounter(model)
+    with torch.no_grad(), model.correcting_positions(slice(0, 1)):
+        shared = model.forward_adapters(**batch)
+    counter.close()
+    assert counter.calls == 1
+    for name, logits in shared.items():
+        torch.testing.assert_close(logits.logits, alone[name], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- managing adapters
 def test_set_list_delete_and_save(bert_adapters, tmp_path):
     folder, adapters, batch = bert_adapters
