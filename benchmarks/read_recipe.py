@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict] = {
     "segments-rnn": {"options": {"sequence_context": "segments", "rnn_type": "rnn"}},
     "segments-mlp": {"options": {"sequence_context": "segments", "rnn_type": "mlp"}},
     "segments-last": {"options": {"sequence_context": "segments", "aggregation": "last"}},
+    "segments-dropout": {"options": {"sequence_context": "segments", "dropout": 0.1}},
+    "segments-noproj": {"options": {"sequence_context": "segments", "input_projection": False}},
     "pooled-lr3e-4": {"options": {"sequence_context": "pooled"}, "lr": 3e-4},
     "pooled-lr3e-3": {"options": {"sequence_context": "pooled"}, "lr": 3e-3},
     "pooled-r32": {"options": {"sequence_context": "pooled", "hidden_size": 32}},
