@@ -28,13 +28,14 @@ import pytest
 import torch
 
 from conftest import REAL_GLUE_DIR, REPO_ROOT, needs_real_glue
-from readapt.cache import FeatureCache, second_text_start
+from readapt.cache import FeatureCache
 from readapt.cli import main
 from readapt.config import ReadConfig
 from readapt.data import Collator
 from readapt.errors import ConfigError
 from readapt.model import ReadModel, get_read_model
 from readapt.pretrained import load_backbone
+from readapt.side_network import second_text_start
 from readapt.training import DataConfig, TrainingConfig, train
 
 WORDS = ("good", "bad", "fine", "awful", "great", "terrible", "movie", "plot", "actor", "scene", "boring", "fun", "long",

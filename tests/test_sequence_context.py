@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_backbone
 from readapt import ReadConfig, ReadModel, get_read_model
 from readapt.errors import ConfigError
-from readapt.side_network import ReadSideNetwork, pool_states, second_text_mask
+from readapt.side_network import ReadSideNetwork, pool_states, second_text_mask, second_text_start
 
 CONTEXTS = ("mean", "pooled")  # the contexts a decoder-only stack takes too
 ENCODER_CONTEXTS = (*CONTEXTS, "segments")
@@ -246,21 +246,30 @@ def test_pooled_context_by_hand(causal):
             assert torch.allclose(delta[row, token], expected, atol=1e-5), (row, token)
 
 
-def test_pooled_context_corrects_cls_alone():
-    """A BERT classifier reads [CLS]: with the pooled context, correcting [CLS] alone (from the pooled sequence
+@pytest.mark.parametrize("context", ["pooled", "segments"])
+def test_context_corrects_cls_alone(context):
+    """A BERT classifier reads [CLS]: with the pooled / segments context, correcting [CLS] alone (the means taken
     over every real token) gives the full correction's logits (shared passes: tests/test_multi_adapter.py)."""
-    model = get_read_model(tiny_backbone("bert"), _config("pooled"))
+    model = get_read_model(tiny_backbone("bert"), _config(context))
     _randomise_up_projections(model)
     model.eval()
     torch.manual_seed(3)
     ids = torch.randint(3, 20, (3, 7))
     mask = torch.ones_like(ids)
-    mask[2, 4:] = 0
+    if context == "segments":
+        ids[:, 3] = SEPARATOR
+        ids[1, 1] = SEPARATOR  # an early separator: a short first text
+        mask[2, 5:] = 0
+    else:
+        mask[2, 4:] = 0
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
         assert model.head_reads_only(slice(0, 1), input_ids=ids, attention_mask=mask)
         with model.correcting_positions(slice(0, 1)):
             cls_only = model(input_ids=ids, attention_mask=mask).logits
+        if context == "segments":
+            unsplit = ids.masked_fill(ids == SEPARATOR, 6)  # no separator: one text, another correction
+            assert not torch.allclose(model(input_ids=unsplit, attention_mask=mask).logits, full)
     assert torch.allclose(full, cls_only, atol=1e-5), (full - cls_only).abs().max()
 
 
@@ -287,8 +296,6 @@ def test_auto_context_resolves_per_family(tmp_path):
 
 
 def test_second_text_starts_after_the_first_separator():
-    from readapt.cache import second_text_start
-
     ids = torch.tensor([[2, 7, 5, 8, 9, 5, 0], [2, 7, 8, 5, 0, 0, 0], [2, 7, 8, 9, 4, 4, 4]])
     mask = second_text_mask(ids, 5)
     assert mask.tolist()[0] == [False, False, False, True, True, True, True]
@@ -326,26 +333,6 @@ def test_segments_context_by_hand():
     swapped[:, 0, 4] += 1.0
     again = network(swapped.clone(), token_mask=mask, pooled_states=pool_states(swapped, mask, False, second))
     assert not torch.allclose(again[0, 0], delta[0, 0]) and torch.equal(again[1], delta[1])
-
-
-def test_segments_context_corrects_cls_alone():
-    model = get_read_model(tiny_backbone("bert"), _config("segments"))
-    _randomise_up_projections(model)
-    model.eval()
-    torch.manual_seed(3)
-    ids = torch.randint(3, 20, (3, 7))
-    ids[:, 3] = SEPARATOR
-    ids[1, 1] = SEPARATOR  # an early separator: a short first text
-    mask = torch.ones_like(ids)
-    mask[2, 5:] = 0
-    with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask).logits
-        assert model.head_reads_only(slice(0, 1), input_ids=ids, attention_mask=mask)
-        with model.correcting_positions(slice(0, 1)):
-            cls_only = model(input_ids=ids, attention_mask=mask).logits
-        unsplit = ids.masked_fill(ids == SEPARATOR, 6)  # no separator: one text, another correction
-        assert not torch.allclose(model(input_ids=unsplit, attention_mask=mask).logits, full)
-    assert torch.allclose(full, cls_only, atol=1e-5), (full - cls_only).abs().max()
 
 
 def test_segments_context_needs_a_separator_and_token_ids():

@@ -347,13 +347,6 @@ class CacheEntry:
         return self._compact[key]
 
 
-def second_text_start(input_ids: Sequence[int], separator_token_id: int) -> int:
-    """The first position after the first separator token (where a pair's second text starts; the "segments"
-    context, as side_network.second_text_mask), or the length when there is none."""
-    ids = list(input_ids)
-    return ids.index(separator_token_id) + 1 if separator_token_id in ids else len(ids)
-
-
 def indexed(features: list[dict]) -> list[dict]:
     """Encoded examples that remember their position in the split (the cache's index)."""
     return [{**f, CACHE_INDEX: i} for i, f in enumerate(features)]

@@ -66,7 +66,7 @@ class ReadConfig:
     # [m_i; a_i * b_i; |a_i - b_i|], m_i the layer's mean over the real tokens, a_i and b_i the means over the
     # first text (up to and including the first separator token) and the second one (the rest; zero for a single
     # text), each RMS-normalised: what a sentence-pair task needs to compare its two texts. One more weight
-    # matrix (3d x r); a [CLS]-reading head needs the RNN on [CLS] alone, and the cache replays three vectors per layer.
+    # matrix (3d x r); a [CLS]-reading head needs the RNN on [CLS] alone, and the cache replays [CLS] and three means per layer.
     sequence_context: str = "auto"
     # The token that ends the first text ("segments" context): None takes the backbone config's sep_token_id
     # (readapt's loader sets it from the tokenizer); the training recipe needs nothing here.

@@ -80,6 +80,12 @@ def second_text_mask(input_ids: torch.Tensor, separator_token_id: int) -> torch.
     return (separators.cumsum(-1) - separators) > 0
 
 
+def second_text_start(input_ids: list[int], separator_token_id: int) -> int:
+    """Where one example's second text starts (its length if it has none): `second_text_mask`'s rule, as one
+    position per example for the feature cache, which stores unpadded examples."""
+    return len(input_ids) - int(second_text_mask(torch.tensor([input_ids]), separator_token_id).sum())
+
+
 @torch.no_grad()
 def pool_states(layer_states: torch.Tensor, token_mask: torch.Tensor | None, causal: bool,
                 second_text: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from readapt.answers import candidate_scores, causal_lm_loss, generate_texts, no_kv_cache
-from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed, second_text_start
+from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
 from readapt.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -57,6 +57,7 @@ from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
 from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
 from readapt.model import ReadModel
 from readapt.pretrained import load_backbone
+from readapt.side_network import second_text_start
 from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
 from readapt.tasks.custom import GENERATION_COLUMNS
 
