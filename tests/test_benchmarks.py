@@ -89,3 +89,31 @@ def test_learning_curve_plots_existing_records(tmp_path, capsys):
     assert result["full"] == [(400, 80.0, 0.0, 1)]
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert "| 80 | 72.3 ± 0.7 (n=2) | – |" in capsys.readouterr().out
+
+
+def test_encoder_context_task_is_balanced_and_labelled_by_the_keyword(tmp_path):
+    ablation = _load("encoder_context")
+    train, dev = ablation.write_task(tmp_path, 200, 50, seed=0)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert len(rows) == 200 and len(dev.read_text().splitlines()) == 50
+    for row in rows:  # the label says exactly whether the keyword is there
+        assert (ablation.KEYWORD in row["sentence"].split()) == (row["label"] == "yes")
+    assert 60 < sum(r["label"] == "yes" for r in rows) < 140
+    again = tmp_path / "again"
+    again.mkdir()
+    assert ablation.write_task(again, 200, 50, seed=0)[0].read_text() == train.read_text()  # seeded
+
+
+@pytest.mark.slow
+def test_encoder_context_ablation_runs_both_variants(tmp_path, capsys):
+    output = tmp_path / "runs.jsonl"
+    records = _load("encoder_context").main(["--seeds", "1", "--epochs", "1", "--train-rows", "40", "--dev-rows", "16",
+                                             "--hidden-size", "8", "--output", str(output)])
+    assert {r["variant"]: r["encoder_context"] for r in records} == {"with encoder context": True,
+                                                                     "without encoder context": False}
+    by_variant = {r["variant"]: r for r in records}
+    # the encoder-context attention is the only difference: more parameters with it
+    assert by_variant["with encoder context"]["trainable_parameters"] > by_variant["without encoder context"]["trainable_parameters"]
+    assert all(0 <= r["score"] <= 100 and r["dev_examples"]["validation"] == 16 for r in records)
+    assert "| with encoder context |" in capsys.readouterr().out
+    assert len(output.read_text().splitlines()) == 2
