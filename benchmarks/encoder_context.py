@@ -37,14 +37,20 @@ KEYWORD = "apple"
 VARIANTS = {"with encoder context": True, "without encoder context": False}
 
 
-def build_backbone(path: Path, seed: int) -> None:
-    """A seeded random T5 saved as a local folder with the embedded backbone's (BERT) tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+def embedded_tokenizer():
+    """The embedded backbone's (BERT) tokenizer: the random T5's vocabulary and the task's words."""
+    from transformers import AutoTokenizer
 
     from readapt.pretrained import embedded_backbone_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_backbone_dir())
+    return AutoTokenizer.from_pretrained(embedded_backbone_dir())
+
+
+def build_backbone(path: Path, seed: int, tokenizer) -> None:
+    """A seeded random T5 saved as a local folder with `tokenizer`."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4,
                       decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -53,13 +59,10 @@ def build_backbone(path: Path, seed: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-def write_task(folder: Path, train_rows: int, dev_rows: int, seed: int) -> tuple[Path, Path]:
-    """Keyword-presence rows as JSONL (`sentence`, `label` = yes / no), balanced, seeded."""
-    from transformers import AutoTokenizer
-
-    from readapt.pretrained import embedded_backbone_dir
-
-    vocabulary = AutoTokenizer.from_pretrained(embedded_backbone_dir()).get_vocab()
+def write_task(folder: Path, train_rows: int, dev_rows: int, seed: int, tokenizer=None) -> tuple[Path, Path]:
+    """Keyword-presence rows as JSONL (`sentence`, `label` = yes / no), balanced, seeded; words from `tokenizer`'s
+    vocabulary (default: the embedded one)."""
+    vocabulary = (tokenizer or embedded_tokenizer()).get_vocab()
     words = sorted(w for w in vocabulary if w.isalpha() and w.isascii() and len(w) >= 4 and w != KEYWORD)
     rng = random.Random(seed)
     words = rng.sample(words, 400)
@@ -145,8 +148,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     todo = [(v, s) for v in VARIANTS for s in seeds if (v, s) not in done]
     with tempfile.TemporaryDirectory(prefix="readapt-encctx-work-") as work:
         work = Path(work)
-        build_backbone(work / "t5-random", args.backbone_seed)
-        train, dev = write_task(work, args.train_rows, args.dev_rows, args.backbone_seed)
+        tokenizer = embedded_tokenizer()
+        build_backbone(work / "t5-random", args.backbone_seed, tokenizer)
+        train, dev = write_task(work, args.train_rows, args.dev_rows, args.backbone_seed, tokenizer)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for record in pool.map(lambda job: run(*job, args, work / "t5-random", train, dev), todo):
                 output.parent.mkdir(parents=True, exist_ok=True)
