@@ -31,7 +31,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from readapt.bench.runner import read_results  # JSONL records; a torn last line is ignored
+from readapt.comparison.runner import read_results  # JSONL records; a torn last line is ignored
 
 KEYWORD = "apple"
 VARIANTS = {"with encoder context": True, "without encoder context": False}

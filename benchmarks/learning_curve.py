@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from readapt.bench.runner import read_results  # JSONL records; a torn last line is ignored
+from readapt.comparison.runner import read_results  # JSONL records; a torn last line is ignored
 
 
 def _records(paths: list[str]) -> list[dict]:

@@ -5,7 +5,7 @@ Protocol (defaults):
   - adapters: READ with the default config (GRU, r = 256, input projection, mean over layers), NOT trained:
     every side-network and head weight drawn from N(0, 0.02) with its own seed (the zero-initialised
     up-projection included, so the correction is not zero); timing does not depend on the weights. Each is
-    saved with an SST-2 task file (column `sentence`, max length 128) and loaded by readapt.predict.Predictor,
+    saved with an SST-2 task file (column `sentence`, max length 128) and loaded by readapt.inference.Predictor,
     exactly as `readapt predict` loads them;
   - inputs: the first --samples SST-2 dev sentences (default 512 of 872), --batch-size 32, padded per batch to
     its longest sentence (as `readapt predict`), tokenisation included in the times;
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from readapt.predict import Predictor
+    from readapt.inference import Predictor
     from readapt.tasks import load_glue_split
 
     torch.set_num_threads(args.threads)

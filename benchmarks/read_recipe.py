@@ -33,7 +33,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from readapt.bench.runner import read_results  # JSONL records; a torn last line is ignored
+from readapt.comparison.runner import read_results  # JSONL records; a torn last line is ignored
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")

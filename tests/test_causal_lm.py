@@ -282,7 +282,7 @@ def test_label_words_and_classifier_heads_eval_and_predict(tiny_models, tmp_path
         writer = csv.DictWriter(f, fieldnames=["sentence"])
         writer.writeheader()
         writer.writerows(rows)
-    from readapt.predict import Predictor
+    from readapt.inference import Predictor
 
     second = tmp_path / "second"
     assert main(["train", *common, "--seed", "7", "--output-dir", str(second)]) == 0

@@ -18,7 +18,7 @@ from readapt.answers import candidate_scores
 from readapt.cli import main
 from readapt.data import Candidates
 from readapt.methods import get_method
-from readapt.predict import Predictor
+from readapt.inference import Predictor
 from readapt.task_spec import TASK_FILE, TaskSpec, read_task_file, write_task_file
 from readapt.tasks import get_task
 from readapt.training import DataConfig, TrainingConfig
@@ -519,7 +519,7 @@ def test_predict_refuses_other_methods_foreign_backbones_and_adapters_without_ta
 
 
 def test_render_csv_quotes_and_non_string_inputs():
-    from readapt.predict import render
+    from readapt.inference import render
 
     text = render(["a", "n"], [{"a": 'x, "y"', "n": 3}], {"p": ["pos"], "r": [0.5]}, ".csv")
     assert list(csv.reader(io.StringIO(text))) == [["a", "n", "p", "r"], ['x, "y"', "3", "pos", "0.5"]]

@@ -354,7 +354,7 @@ def _run_eval(args) -> None:
 
 
 def _run_predict(args) -> None:
-    from readapt.predict import run_predict
+    from readapt.inference import run_predict
 
     summary = run_predict(args.adapter, args.input, output=args.output, model=args.model, names=args.name or None,
                           batch_size=args.batch_size, cpu=args.cpu, progress=not args.no_progress)
@@ -373,8 +373,8 @@ def _comma_list(text: str, name: str, convert=str) -> list:
 
 
 def _run_bench(args) -> None:
-    from readapt.bench.report import write_reports
-    from readapt.bench.runner import BenchConfig, run_bench
+    from readapt.comparison.report import write_reports
+    from readapt.comparison.runner import BenchConfig, run_bench
 
     learning_rates, method_options = {}, {}
     for item in args.lr:

@@ -1,4 +1,4 @@
-"""readapt.bench.report: tables, CSV and plots from a synthetic results.jsonl."""
+"""readapt.comparison.report: tables, CSV and plots from a synthetic results.jsonl."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from readapt.bench.report import main, pareto_front, write_reports
+from readapt.comparison.report import main, pareto_front, write_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""One benchmark measurement in a fresh process: `python -m readapt.bench.worker SPEC.json RESULT.json`.
+"""One benchmark measurement in a fresh process: `python -m readapt.comparison.worker SPEC.json RESULT.json`.
 
 SPEC.json says what to do: "run" trains one (task, method, seed) cell (readapt.training.train) under the
 energy meter, then, in another fresh process, "inference" measures latency and peak memory of the trained
@@ -185,7 +185,7 @@ ACTIONS = {"run": run_training, "inference": measure_inference, "memory": measur
 def _measure_in_fresh_process(spec: dict, result_path: Path) -> dict[str, Any]:
     spec_path = result_path.with_suffix(".spec.json")
     _write_json(spec_path, spec)
-    completed = subprocess.run([sys.executable, "-m", "readapt.bench.worker", str(spec_path), str(result_path)],
+    completed = subprocess.run([sys.executable, "-m", "readapt.comparison.worker", str(spec_path), str(result_path)],
                                capture_output=True, text=True, env=os.environ.copy())
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
     if completed.returncode != 0 or result is None or result.get("status") != "ok":

@@ -9,7 +9,7 @@ Writes, each atomically (temporary file in the same folder, then os.replace):
   per method, with the Pareto front (lower cost, higher score)
 - memory_vs_batch.png: peak memory against batch size from the memory sweep (only if it has records)
 
-Usage: python -m readapt.bench.report OUTPUT_DIR [--results FILE] [--note LINE ...]
+Usage: python -m readapt.comparison.report OUTPUT_DIR [--results FILE] [--note LINE ...]
 """
 
 from __future__ import annotations
@@ -600,7 +600,7 @@ def write_reports(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m readapt.bench.report", description="Regenerate the tables and plots of a bench output folder."
+        prog="python -m readapt.comparison.report", description="Regenerate the tables and plots of a bench output folder."
     )
     parser.add_argument("output_dir", type=Path, help="bench output folder (holds results.jsonl)")
     parser.add_argument("--results", type=Path, default=None, help="results file (default: OUTPUT_DIR/results.jsonl)")

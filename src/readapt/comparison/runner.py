@@ -158,7 +158,7 @@ def _run_cell(spec: dict) -> dict:
     result_path.unlink(missing_ok=True)
     atomic_write_text(spec_path, json.dumps(spec, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    completed = subprocess.run([sys.executable, "-m", "readapt.bench.worker", str(spec_path), str(result_path)],
+    completed = subprocess.run([sys.executable, "-m", "readapt.comparison.worker", str(spec_path), str(result_path)],
                                capture_output=True, text=True, env=env)
     (run_dir.parent / f"{run_dir.name}.stderr.log").write_text(completed.stderr)
     try:

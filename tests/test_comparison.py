@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import REAL_GLUE_DIR, needs_real_glue
-from readapt.bench.runner import BenchConfig, plan, read_results
+from readapt.comparison.runner import BenchConfig, plan, read_results
 from readapt.cli import main
 
 pytestmark = needs_real_glue
@@ -78,7 +78,7 @@ def test_bad_seeds(seeds, tmp_path, capsys):
 
 
 def test_selection_epochs_and_cache_reach_the_cells(tmp_path, capsys):
-    from readapt.bench.runner import protocol_notes
+    from readapt.comparison.runner import protocol_notes
 
     config = BenchConfig(output_dir=str(tmp_path), tasks=["rte"], methods=["read", "full"], seeds=[1],
                          selection_fraction=0.2, method_epochs={"read": 12}, cache_features=True)
@@ -98,7 +98,7 @@ def test_selection_epochs_and_cache_reach_the_cells(tmp_path, capsys):
 
 @pytest.mark.slow  # one training run and one inference process
 def test_a_cell_with_selection_reports_the_dev_score_at_the_selected_epoch(tiny_models, tmp_path):
-    from readapt.bench.worker import run_training
+    from readapt.comparison.worker import run_training
 
     record = run_training({"task": "rte", "method": "read", "seed": 1, "model": str(tiny_models["bert"]),
                            "data_dir": str(REAL_GLUE_DIR), "max_train_samples": 30, "max_eval_samples": 8,
