@@ -1,4 +1,4 @@
-"""Feature cache (readapt.cache) and low-precision frozen backbones.
+"""Feature cache (readapt.read.cache) and low-precision frozen backbones.
 
 Tolerances, and why:
 - float32 cache, same batches: bit for bit (losses and gradients). The cache replays the exact values the
@@ -28,14 +28,14 @@ import pytest
 import torch
 
 from conftest import REAL_GLUE_DIR, REPO_ROOT, needs_real_glue
-from readapt.cache import FeatureCache
 from readapt.cli import main
-from readapt.config import ReadConfig
 from readapt.data import Collator
 from readapt.errors import ConfigError
-from readapt.model import ReadModel, get_read_model
 from readapt.pretrained import load_backbone
-from readapt.side_network import second_text_start
+from readapt.read.cache import FeatureCache
+from readapt.read.config import ReadConfig
+from readapt.read.model import ReadModel, get_read_model
+from readapt.read.side_network import second_text_start
 from readapt.training import DataConfig, TrainingConfig, train
 
 WORDS = ("good", "bad", "fine", "awful", "great", "terrible", "movie", "plot", "actor", "scene", "boring", "fun", "long",
@@ -384,9 +384,9 @@ def test_a_killed_writer_leaves_nothing_that_looks_valid(tiny_models, tmp_path):
 import os, sys
 sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
 from pathlib import Path
-from readapt.config import ReadConfig
+from readapt.read.config import ReadConfig
 from readapt.data import Collator
-from readapt.cache import FeatureCache
+from readapt.read.cache import FeatureCache
 from test_cache import _read_model, _features
 model, loaded = _read_model(Path({str(tiny_models['bert'])!r}), ReadConfig(hidden_size=16))
 features = _features(loaded)
@@ -420,12 +420,12 @@ def test_over_budget_is_refused_before_anything_is_written(tiny_models, tmp_path
     assert "\n" not in str(error.value) and "GB" in str(error.value)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
-    import readapt.cache
+    import readapt.read.cache
 
     class Disk:
         free = 10**6
 
-    monkeypatch.setattr(readapt.cache.shutil, "disk_usage", lambda path: Disk)
+    monkeypatch.setattr(readapt.read.cache.store.shutil, "disk_usage", lambda path: Disk)
     config.cache_max_gb = None
     with pytest.raises(ConfigError, match="free"):
         train(config)

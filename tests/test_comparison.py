@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import REAL_GLUE_DIR, needs_real_glue
-from readapt.comparison.runner import BenchConfig, plan, read_results
 from readapt.cli import main
+from readapt.comparison.runner import BenchConfig, plan, read_results
 
 pytestmark = needs_real_glue
 

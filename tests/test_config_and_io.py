@@ -17,7 +17,7 @@ from readapt import (
     UnsupportedModelError,
     get_read_model,
 )
-from readapt.model import CONFIG_NAME, WEIGHTS_NAME
+from readapt.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.mark.parametrize(

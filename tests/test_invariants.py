@@ -199,7 +199,7 @@ def test_other_supported_architectures_are_detected_and_exact(name):
 def test_recomputation_only_where_it_bounds_memory():
     """Recomputation keeps one chunk's RNN activations alive at a time; a batch that fits in one chunk (e.g. [CLS]
     alone) keeps them at that bound anyway, so it runs the RNN once instead of twice."""
-    from readapt.side_network import ReadSideNetwork
+    from readapt.read.side_network import ReadSideNetwork
 
     network = ReadSideNetwork(8, ReadConfig(hidden_size=4, recompute=True, recompute_chunk_tokens=16)).train()
     calls = []
@@ -213,7 +213,7 @@ def test_recomputation_only_where_it_bounds_memory():
 def test_layerwise_mlp_ablation_by_hand():
     """rnn_type="mlp" (the non-recurrent ablation): δ = up(mean_i tanh(W_i proj(rms φ_i) + b_i)); its own weights
     per layer, nothing carried across layers; untrained, the model is still exactly the backbone."""
-    from readapt.side_network import ReadSideNetwork
+    from readapt.read.side_network import ReadSideNetwork
 
     torch.manual_seed(0)
     network = ReadSideNetwork(8, ReadConfig(hidden_size=4, rnn_type="mlp"), num_layers=3).eval()

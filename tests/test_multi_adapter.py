@@ -17,8 +17,8 @@ from readapt import ConfigError, IncompatibleAdapterError, ReadConfig, ReadModel
 from readapt.answers import candidate_scores
 from readapt.cli import main
 from readapt.data import Candidates
-from readapt.methods import get_method
 from readapt.inference import Predictor
+from readapt.methods import get_method
 from readapt.task_spec import TASK_FILE, TaskSpec, read_task_file, write_task_file
 from readapt.tasks import get_task
 from readapt.training import DataConfig, TrainingConfig

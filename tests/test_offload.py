@@ -16,7 +16,6 @@ from accelerate.utils import compute_module_sizes
 
 from conftest import _save_tiny, make_batch, tiny_backbone
 from readapt import ReadConfig, get_read_model
-from readapt.cache import backbone_fingerprint
 from readapt.cli import main
 from readapt.errors import ConfigError
 from readapt.offload import (
@@ -28,6 +27,7 @@ from readapt.offload import (
     plan_device_map,
 )
 from readapt.pretrained import load_backbone
+from readapt.read.cache import backbone_fingerprint
 
 KINDS = {"bert": 3, "t5": 2, "llama-cls": 2}  # family -> num_labels
 STEPS = 4

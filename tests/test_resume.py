@@ -220,7 +220,7 @@ def test_resume_flags(tiny_models, tmp_path, monkeypatch, capsys):
 
 @needs_real_glue
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
-    from readapt import model as read_model
+    from readapt.read import model as read_model
 
     original = read_model.ReadModel.forward
     calls = {"n": 0}

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_backbone
 from readapt import ReadConfig, ReadModel, get_read_model
 from readapt.errors import ConfigError
-from readapt.side_network import ReadSideNetwork, pool_states, second_text_mask, second_text_start
+from readapt.read.side_network import ReadSideNetwork, pool_states, second_text_mask, second_text_start
 
 CONTEXTS = ("mean", "pooled")  # the contexts a decoder-only stack takes too
 ENCODER_CONTEXTS = (*CONTEXTS, "segments")
@@ -135,7 +135,7 @@ def test_feature_cache_replay_equals_live(context):
     mask = torch.ones_like(ids)
     mask[1, 2:] = 0
     live = model(input_ids=ids, attention_mask=mask).logits
-    from readapt.cache import CachedCall
+    from readapt.read.cache import CachedCall
 
     calls = []
     with model.recording(lambda name, capture, final: calls.append(
@@ -336,7 +336,7 @@ def test_segments_context_by_hand():
 
 
 def test_segments_context_needs_a_separator_and_token_ids():
-    from readapt.config import ReadConfig as Config
+    from readapt.read.config import ReadConfig as Config
 
     backbone = tiny_backbone("bert")
     assert get_read_model(backbone, ReadConfig(hidden_size=8)).read_config.sequence_context == "pooled"  # no sep id

@@ -1,16 +1,15 @@
 """readapt: fine-tune frozen transformers with READ (REcurrent ADaptation)."""
 
-__version__ = "0.1.0"
-
-from readapt.config import ReadConfig  # noqa: E402
-from readapt.errors import (  # noqa: E402
+from readapt.errors import (
     ConfigError,
     DataError,
     IncompatibleAdapterError,
     ReadaptError,
     UnsupportedModelError,
 )
-from readapt.model import ReadModel, get_read_model  # noqa: E402
+from readapt.read.config import ReadConfig
+from readapt.read.model import ReadModel, get_read_model
+from readapt.version import __version__
 
 __all__ = [
     "ConfigError",

@@ -14,10 +14,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from readapt.config import GenerationSettings
 from readapt.data import IGNORE_INDEX, Candidates, end_of_answer_id
 from readapt.errors import ConfigError
-from readapt.model import ReadModel
+from readapt.read.model import ReadModel
+from readapt.settings import GenerationSettings
 
 
 def base_model(model):

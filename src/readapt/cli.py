@@ -12,18 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from readapt.config import (
-    AGGREGATIONS,
-    BACKBONE_DTYPES,
-    CACHE_DTYPES,
-    DECODER_HEADS,
-    H0_MODES,
-    RNN_TYPES,
-    SEQUENCE_CONTEXTS,
-    GenerationSettings,
-    ReadConfig,
-)
 from readapt.errors import ReadaptError, TrainingInterrupted
+from readapt.read.config import AGGREGATIONS, H0_MODES, RNN_TYPES, SEQUENCE_CONTEXTS, ReadConfig
+from readapt.settings import BACKBONE_DTYPES, CACHE_DTYPES, DECODER_HEADS, GenerationSettings
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

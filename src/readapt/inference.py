@@ -47,19 +47,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from readapt.adapter_files import ADAPTER_DIR, read_adapter_metadata
 from readapt.answers import candidate_scores, generate_texts, no_kv_cache
-from readapt.config import GenerationSettings
 from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
 from readapt.io import atomic_write_text
-from readapt.model import ReadModel, read_adapter_metadata
+from readapt.read.model import ReadModel
+from readapt.settings import GenerationSettings
 from readapt.task_spec import TaskSpec, read_task_file
 from readapt.tasks import Example
 from readapt.tasks._io import delimited_records, jsonl_records, quote_value
 
 INPUT_FORMATS = (".csv", ".tsv", ".jsonl")
 OUTPUT_FORMATS = (".csv", ".jsonl")
-ADAPTER_DIR = "adapter"  # what `readapt train` calls the adapter inside its output directory
 
 
 # ---------------------------------------------------------------------------------------------- adapters

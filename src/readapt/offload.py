@@ -8,7 +8,7 @@ execution device as it runs. What READ trains stays on one device and is never o
 
 - the task head (classifier / score / pooler) is pinned to the device that computes the final hidden state
   (`plan_device_map` splits a device-map entry that covers it), so its weights are real, trainable tensors;
-- the side networks go to that same device (`side_network_device`, used by readapt.model.ReadModel).
+- the side networks go to that same device (`side_network_device`, used by readapt.read.model.ReadModel).
 
 Device names follow Accelerate: GPU indexes (0, 1, ...), "cpu", "mps", and "disk" in a device map.
 """

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from readapt.config import DECODER_HEADS
 from readapt.errors import ReadaptError
+from readapt.settings import DECODER_HEADS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from readapt.adapter_files import TASK_FILE
 from readapt.data import candidate_answers
 from readapt.errors import IncompatibleAdapterError
 from readapt.io import atomic_write_json
 from readapt.tasks import Task
+from readapt.version import __version__
 
-TASK_FILE = "task.json"
 FORMAT = 1
 _TUPLE_FIELDS = ("text_fields", "label_names", "metric_names", "dev_splits", "prompt_fields", "label_words")
 
@@ -67,8 +68,6 @@ class TaskSpec:
         return self.task.label_names[int(index_or_value)]
 
     def to_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        from readapt import __version__
-
         record: dict[str, Any] = {
             "format": FORMAT, "task": _task_dict(self.task), "source": self.source, "glue_task": self.glue_task,
             "max_length": self.max_length, "text_to_text": self.text_to_text, "causal_lm": self.causal_lm,
@@ -132,12 +131,3 @@ def read_task_file(directory: str | Path) -> TaskSpec:
                         glue_task=record.get("glue_task"), causal_lm=causal_lm, generation=generation)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise IncompatibleAdapterError(f"{path} is not a valid readapt task file: {exc}") from None
-
-
-def task_labels(directory: str | Path) -> tuple[list[str] | None, bool | None]:
-    """(label names, is_regression) from an adapter's task.json; (None, None) where it has none."""
-    try:
-        spec = read_task_file(directory)
-    except IncompatibleAdapterError:
-        return None, None
-    return list(spec.task.label_names), spec.task.is_regression

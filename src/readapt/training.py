@@ -5,7 +5,7 @@ hidden staging directory next to it; evaluate on dev after every epoch and keep 
 metrics.json; move the staging directory into place at the very end, so a failed or interrupted run never
 leaves a half-written output directory.
 
-With --cache-features (READ, decoupled; readapt.cache) every split gets a feature-cache entry: planned while
+With --cache-features (READ, decoupled; readapt.read.cache) every split gets a feature-cache entry: planned while
 the loaders are made, checked against the size budget before anything is written, built or reused at the
 start of epoch 1 (counted in its time); afterwards every batch carries its examples' cached states and the
 model replays them instead of running the backbone. Loaders, shuffling and padding are the same as without.
@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from readapt.adapter_files import ADAPTER_DIR
 from readapt.answers import candidate_scores, causal_lm_loss, generate_texts, no_kv_cache
-from readapt.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
 from readapt.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -49,21 +49,22 @@ from readapt.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from readapt.config import BACKBONE_DTYPES, CACHE_DTYPES, DECODER_HEADS, GenerationSettings, ReadConfig
 from readapt.data import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, TrainingError, TrainingInterrupted
 from readapt.io import atomic_write_json
 from readapt.measure import PeakMemoryMeter, Stopwatch, machine, versions
 from readapt.methods import TrainableCount, count_parameters, count_trainable, get_method, method_of
-from readapt.model import ReadModel
 from readapt.pretrained import load_backbone
-from readapt.side_network import second_text_start
+from readapt.read.cache import CACHED_FEATURES, CachedCollator, FeatureCache, indexed
+from readapt.read.config import ReadConfig
+from readapt.read.model import ReadModel
+from readapt.read.side_network import second_text_start
+from readapt.settings import BACKBONE_DTYPES, CACHE_DTYPES, DECODER_HEADS, GenerationSettings
 from readapt.tasks import Example, Task, compute_metrics, get_task, load_custom_task, load_glue
 from readapt.tasks.custom import GENERATION_COLUMNS
 
 logger = logging.getLogger("readapt")
 
-ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 RUN_FILE = "run.json"  # in the staging directory: which run its checkpoints belong to
@@ -125,7 +126,7 @@ class TrainingConfig:
     cpu: bool = False  # force CPU even where a GPU exists
     progress: bool = True
     backbone_dtype: str = "float32"  # weights of the frozen backbone (READ only); side network and head stay float32
-    cache_features: bool = False  # READ (decoupled): compute the backbone's states once, replay them (readapt.cache)
+    cache_features: bool = False  # READ (decoupled): compute the backbone's states once, replay them (readapt.read.cache)
     cache_dir: str | None = None  # None: $READAPT_CACHE_DIR, else ~/.cache/readapt/features
     cache_dtype: str = "float16"
     cache_max_gb: float | None = None  # None: only the free disk space bounds the cache

@@ -45,7 +45,7 @@ class BenchConfig:
     # Hold this fraction of the training subset out as a "selection" split that picks the best epoch; the GLUE dev
     # set is then only reported (honest selection). None: the best epoch on the dev set (the READ paper's protocol).
     selection_fraction: float | None = None
-    cache_features: bool = False  # READ cells replay the backbone's states from the feature cache (readapt.cache)
+    cache_features: bool = False  # READ cells replay the backbone's states from the feature cache (readapt.read.cache)
     cache_dir: str | None = None
     batch_size: int = 32
     max_length: int = 128

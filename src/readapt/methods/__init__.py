@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from readapt.adapter_files import read_adapter_metadata
 from readapt.errors import ConfigError
 from readapt.methods.adapter import HoulsbyAdapters
 from readapt.methods.base import Method, PartialMethod, TrainableCount, count_parameters, count_trainable
@@ -14,7 +15,6 @@ from readapt.methods.lora import LoRA
 from readapt.methods.lst import LadderSideTuning
 from readapt.methods.prompt import PromptTuning
 from readapt.methods.read import ReadMethod
-from readapt.model import read_adapter_metadata
 
 METHODS: dict[str, Method] = {
     m.name: m for m in (ReadMethod(), FullFineTuning(), LoRA(), HoulsbyAdapters(), BitFit(), PromptTuning(),

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from readapt.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_backbone_compatible, read_adapter_metadata
 from readapt.backbone import BackboneInfo, describe_backbone
 from readapt.errors import ConfigError, IncompatibleAdapterError, UnsupportedModelError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
-from readapt.model import CONFIG_NAME, WEIGHTS_NAME, check_backbone_compatible, read_adapter_metadata
 
 ALL_FAMILIES = ("encoder-decoder", "encoder-only", "decoder-only")
 

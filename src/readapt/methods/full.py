@@ -6,16 +6,11 @@ from pathlib import Path
 
 from torch import nn
 
+from readapt.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_backbone_compatible, read_adapter_metadata
 from readapt.backbone import describe_backbone
 from readapt.errors import IncompatibleAdapterError
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from readapt.methods.base import Method, check_options
-from readapt.model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_backbone_compatible,
-    read_adapter_metadata,
-)
 
 
 class FullFineTuning(Method):

@@ -1,6 +1,6 @@
 """LST: Ladder Side-Tuning (Sung, Cho & Bansal 2022), a small side transformer fed by the frozen backbone.
 
-The backbone runs exactly as READ runs it (readapt.model): each adapted stack's `forward` is wrapped so that
+The backbone runs exactly as READ runs it (readapt.read.attach): each adapted stack's `forward` is wrapped so that
 the stack runs under `torch.no_grad()` and in eval mode, forward hooks copy the input of layer 0 (the
 embedding output h_0) and the output h_i of every layer i, and after the stack returns the side network
 runs on those copies with gradients. Nothing inside a backbone stack is ever saved for backward.
@@ -62,8 +62,8 @@ from transformers.activations import ACT2FN
 
 from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack
 from readapt.errors import ConfigError, IncompatibleAdapterError, UnsupportedModelError
+from readapt.frozen import FrozenBackboneWrapper, first_tensor
 from readapt.methods.base import PartialMethod, require_positive_int
-from readapt.model import FrozenBackboneWrapper
 
 LST_ENCODER_STATES = "lst_encoder_states"
 
@@ -425,10 +425,6 @@ class _Capture:
         self.states: list[torch.Tensor] = []
 
 
-def _first_tensor(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean keep-mask as an additive one: 0 or the dtype's minimum (finite: fully masked rows stay finite)."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
@@ -491,7 +487,7 @@ class LSTModel(FrozenBackboneWrapper):
     def _on_layer(self, stack_name: str, index: int, module, args, output) -> None:
         capture = self._captures.get(stack_name)
         if capture is not None:
-            capture.states.append(_first_tensor(output).detach().to(capture.dtype, copy=True))
+            capture.states.append(first_tensor(output).detach().to(capture.dtype, copy=True))
 
     def _on_embeddings(self, stack_name: str, module, args, kwargs) -> None:
         capture = self._captures.get(stack_name)
@@ -536,7 +532,7 @@ class LSTModel(FrozenBackboneWrapper):
         if len(capture.states) != stack.num_layers or capture.embeddings is None:
             raise RuntimeError(f"LST saw {len(capture.states)} of {stack.num_layers} {stack.name} layers run; "
                                "the stack skipped layers or ran them outside its forward")
-        final = _first_tensor(output)
+        final = first_tensor(output)
         batch, length = final.shape[:2]
         network = self.side[stack.name]
         dtype, device = capture.dtype, final.device

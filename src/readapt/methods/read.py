@@ -1,10 +1,10 @@
-"""READ: frozen backbone, recurrent side network across its layers (the model lives in readapt.model)."""
+"""READ: frozen backbone, recurrent side network across its layers (the method itself lives in readapt.read)."""
 
 from __future__ import annotations
 
-from readapt.config import ReadConfig
 from readapt.methods.base import Method
-from readapt.model import ReadModel
+from readapt.read.config import ReadConfig
+from readapt.read.model import ReadModel
 
 
 class ReadMethod(Method):

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from readapt.config import ReadConfig
 from readapt.errors import ConfigError
+from readapt.read.config import ReadConfig
 
 
 class LayerwiseMLP(nn.Module):

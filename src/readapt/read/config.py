@@ -22,10 +22,6 @@ H0_MODES = ("zeros", "embeddings")
 # were available to measure it on.
 SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled", "segments")
 STACK_NAMES = ("encoder", "decoder")
-# Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
-BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
-CACHE_DTYPES = ("float16", "bfloat16", "float32")
-
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -171,36 +167,3 @@ class ReadConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> ReadConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-# How a decoder-only backbone answers a classification or regression task: its own LM head ranks the label
-# words after a prompt (rank classification, as for T5), or a new sequence-classification head reads the last token.
-DECODER_HEADS = ("label-words", "classifier")
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How generation tasks are evaluated: passed to transformers' `generate` (greedy unless do_sample)."""
-
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_beams: int = 1
-
-    def validate(self) -> None:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
-                  "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "num_beams": self.num_beams >= 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range")
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
-        if self.do_sample:  # transformers warns about sampling settings that greedy decoding ignores
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -1,0 +1,428 @@
+"""ReadModel: a frozen Hugging Face backbone with READ side networks attached to its stacks.
+
+How the correction gets in, without copying any model code (readapt.read.attach): each adapted stack's
+`forward` is wrapped so that the stack runs under `torch.no_grad()` while forward hooks on its layers copy
+every layer's output into one buffer; after the stack returns, `_apply_correction` turns the buffer into δφ
+with the side network and returns the stack output with `final hidden state + δφ`.
+
+Encoder-decoder models are decoupled by default: the backbone decoder sees the untouched encoder output, and
+the corrected encoder states reach the decoder side network (Joiner), attached to the encoder output under
+READ_ENCODER_STATES so that `generate` carries and expands them together with the encoder output.
+
+Low-precision backbones (bfloat16 / float16 weights): the side networks and the task head stay float32; the
+correction is added in float32 and the corrected state stays float32 on its way to the head (the frozen LM
+head of a text-to-text model gets it in its own dtype and returns float32 logits).
+
+Named adapters (readapt.read.adapters) and the shared frozen pass over them (readapt.read.shared_pass) are
+PEFT-style: `load_adapter`, `set_adapter`, `delete_adapter`, `run_adapters`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from readapt.adapter_files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_backbone_compatible,
+    copy_into,
+    read_adapter_metadata,
+)
+from readapt.backbone import DECODER_ONLY, ENCODER_DECODER, BackboneInfo, Stack, describe_backbone
+from readapt.errors import ConfigError, IncompatibleAdapterError
+from readapt.frozen import LOW_PRECISION, FrozenBackboneWrapper, first_tensor, set_submodule
+from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from readapt.offload import is_dispatched, side_network_device
+from readapt.read.adapters import (
+    DEFAULT_ADAPTER,
+    NamedAdapter,
+    NamedAdapters,
+    apply_label_settings,
+    check_adapter_name,
+    head_for,
+    label_settings,
+    labels_for,
+)
+from readapt.read.attach import StackAttachment
+from readapt.read.cache import CachedCall
+from readapt.read.capture import READ_ENCODER_STATES, LayerCapture, earlier_tokens_cached
+from readapt.read.config import ReadConfig
+from readapt.read.shared_pass import SharedPass
+from readapt.read.side_network import ReadSideNetwork, pool_states
+from readapt.version import __version__
+
+
+class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
+    """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
+
+    def __init__(self, backbone: nn.Module, config: ReadConfig, adapter_name: str = DEFAULT_ADAPTER):
+        super().__init__()
+        if not isinstance(config, ReadConfig):
+            raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
+        info = describe_backbone(backbone)
+        # sequence_context="auto", and the separator token of "segments" (readapt's loader copies the tokenizer's)
+        config = config.resolved_for(info.family, getattr(getattr(backbone, "config", None), "sep_token_id", None))
+        self.backbone = backbone
+        self.read_config = config
+        self.info: BackboneInfo = info
+        self.adapted_stacks = self._select_stacks(info, config)
+        self.head_module_names = self._select_heads(backbone, info, config)
+
+        backbone.requires_grad_(False)
+        for name in self.head_module_names:
+            backbone.get_submodule(name).requires_grad_(True)
+        self.backbone_dtype = next(backbone.parameters()).dtype
+
+        self.read = self._side_networks(config)
+        # Dispatched backbone (readapt.offload): layer states are gathered on the side networks' device.
+        self._capture_device = next(self.read.parameters()).device if is_dispatched(backbone) else None
+
+        self._captures: dict[str, LayerCapture] = {}
+        self._encoder_states: torch.Tensor | None = None
+        self._replay: collections.deque | None = None  # cached stack calls still to feed (feature cache)
+        self._recorder = None  # receives each stack's states while a feature cache is written
+        self._shared_calls: list[CachedCall] | None = None  # run_adapters: the first adapter's stack calls
+        self._positions: slice | None = None  # correcting_positions: the token positions the side networks see
+        self._outer_mask: torch.Tensor | None = None  # the 2D attention mask of the running backbone call
+        self._outer_input_ids: torch.Tensor | None = None  # its token ids (where "segments" finds the second text)
+        self._hooks: list = []
+        self._wrapped: list[nn.Module] = []
+        self._embedding_hooks = False
+        self._install_hooks()
+        if self.backbone_dtype in LOW_PRECISION:
+            self._keep_head_in_float32()
+        heads = {name: backbone.get_submodule(name) for name in self.head_module_names}
+        self.named_adapters = NamedAdapters(adapter_name, NamedAdapter(config, self.read, heads, {}))
+        self.train(backbone.training)
+
+    # ---------------------------------------------------------------- construction helpers
+    @staticmethod
+    def _select_stacks(info: BackboneInfo, config: ReadConfig) -> list[Stack]:
+        available = {s.name: s for s in info.stacks}
+        wanted = config.stacks or list(available)
+        for name in wanted:
+            if name not in available:
+                raise ConfigError(
+                    f"ReadConfig.stacks names {name!r}, but this {info.family} model has only: {', '.join(available)}"
+                )
+        if config.sequence_context != "none" and "encoder" not in wanted and info.family != DECODER_ONLY:
+            raise ConfigError(f"ReadConfig.sequence_context={config.sequence_context!r} needs an adapted encoder stack "
+                              f"or a decoder-only model; this {info.family} model adapts only: {', '.join(wanted)}")
+        if info.family == ENCODER_DECODER and wanted == ["encoder"] and not config.couple_encoder:
+            raise ConfigError(
+                "ReadConfig.stacks=['encoder'] on an encoder-decoder model needs couple_encoder=True: "
+                "decoupled, an encoder correction reaches the output only through the decoder side network"
+            )
+        return [s for s in info.stacks if s.name in wanted]
+
+    @staticmethod
+    def _select_heads(backbone: nn.Module, info: BackboneInfo, config: ReadConfig) -> list[str]:
+        names = info.head_modules if config.head_modules is None else config.head_modules
+        for name in names:
+            try:
+                backbone.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(f"ReadConfig.head_modules names {name!r}, which {info.architecture} does not have") from None
+            if any(p.device.type == "meta" for p in backbone.get_submodule(name).parameters()):
+                raise ConfigError(f"task head {name!r} is offloaded (meta weights), but READ trains it: keep it on a "
+                                  "device (readapt.pretrained.load_backbone(device_map=...) does)")
+        return list(names)
+
+    def _side_networks(self, config: ReadConfig) -> nn.ModuleDict:
+        """Fresh side networks (zero up-projections) for the adapted stacks, on the backbone's device."""
+        encoder_dim = None
+        if self.info.family == ENCODER_DECODER and config.encoder_context:
+            encoder_dim = self.info.stacks[0].hidden_size
+        # Sequence context (ReadConfig.sequence_context): encoder stacks, and decoder-only stacks as a running mean;
+        # the decoder of an encoder-decoder model goes without.
+        causal = self.info.family == DECODER_ONLY
+        decoder_config = config if causal else dataclasses.replace(config, sequence_context="none")
+        read = nn.ModuleDict({
+            stack.name: ReadSideNetwork(stack.hidden_size, decoder_config if stack.name == "decoder" else config,
+                                        encoder_dim if stack.name == "decoder" else None, causal=causal,
+                                        num_layers=stack.num_layers)
+            for stack in self.adapted_stacks
+        })
+        # A backbone dispatched by Accelerate (split / offloaded): the device of the final hidden state.
+        return read.to(side_network_device(self.backbone, self.adapted_stacks[-1].module))
+
+    # ---------------------------------------------------------------- the correction
+    def _apply_correction(self, stack: Stack, capture: LayerCapture, output, kwargs):
+        """READ itself: the side network reads the frozen layer states φ_1..φ_N (captured or replayed, no autograd
+        history) and its correction δφ is added to the stack's final hidden state φ_N. Everything after the
+        stack (pooler, head, LM head, generation) is the backbone's own code."""
+        if capture.seen != stack.num_layers:
+            raise RuntimeError(f"READ saw {capture.seen} of {stack.num_layers} {stack.name} layers run; "
+                               "the stack skipped layers or ran them outside its forward")
+        final = first_tensor(output)  # φ_N
+        delta = self.read[stack.name](*self._side_inputs(stack, capture, final, kwargs)).to(final.device)  # δφ
+        # In the wider of the two dtypes: a float32 correction is not rounded away on a bfloat16 backbone.
+        merged = torch.promote_types(final.dtype, delta.dtype)
+        if self._positions is None:
+            corrected = final.to(merged) + delta.to(merged)
+        else:  # correcting_positions: the other positions keep the backbone's state
+            corrected = final.to(merged, copy=True)
+            corrected[:, self._positions] += delta.to(merged)
+        return self._hand_on(stack, output, final, corrected)
+
+    def _side_inputs(self, stack: Stack, capture: LayerCapture, final: torch.Tensor, kwargs) -> tuple:
+        """The side network's inputs for one stack call: the layer states (cut to `correcting_positions`), the
+        embedding output, the sequence context's token mask and pooled states, the Joiner's encoder states."""
+        side_network = self.read[stack.name]
+        states, embeddings, pooled = capture.states, capture.embeddings, capture.pooled
+        token_mask = None
+        if side_network.sequence_context != "none":
+            if side_network.causal and earlier_tokens_cached(kwargs, final.shape[1]):
+                raise ConfigError("this READ adapter's sequence context (a running mean over the tokens) needs every "
+                                  "earlier token in the same forward pass: call without a KV cache (use_cache=False)")
+            token_mask = self._token_mask(kwargs, final)
+        positions = self._positions
+        # correcting_positions: the side networks see those positions only (states that run_adapters or the feature
+        # cache kept are cut already: fewer positions than the final state, or all of them, which cutting again
+        # leaves unchanged). The "pooled" context is taken over every real token first.
+        if side_network.sequence_context == "segments" and pooled is None:  # pooled per text, over every real token
+            if states.shape[2] != final.shape[1]:
+                raise RuntimeError("READ got the states of some positions only, without their pooled context")
+            pooled = pool_states(states, token_mask, False, self._second_text(side_network.separator_token_id, final))
+        if positions is not None and states.shape[2] == final.shape[1]:
+            if side_network.sequence_context == "pooled" and pooled is None:
+                pooled = pool_states(states, token_mask, side_network.causal)[:, :, positions]
+            states = states[:, :, positions].contiguous()
+            embeddings = None if embeddings is None else embeddings[:, positions].contiguous()
+        elif states.shape[2] != final.shape[1]:
+            if positions is None:
+                raise RuntimeError(f"READ got the states of {states.shape[2]} of {final.shape[1]} positions outside "
+                                   "correcting_positions")
+            if pooled is None and side_network.sequence_context in ("pooled", "segments"):
+                raise RuntimeError("READ got the states of some positions only, without their pooled context")
+        encoder_states, encoder_mask = self._encoder_inputs(stack, capture, final, kwargs)
+        inputs = (states, embeddings, encoder_states, encoder_mask, token_mask, pooled)  # ReadSideNetwork.forward's order
+        if self._capture_device is not None:  # a dispatched backbone: everything READ computes on one device
+            inputs = tuple(None if t is None else t.to(self._capture_device) for t in inputs)
+        return inputs
+
+    def _encoder_inputs(self, stack: Stack, capture: LayerCapture, final: torch.Tensor, kwargs):
+        """(encoder states, 2D encoder mask) for the decoder side network of an encoder-decoder model (Joiner)."""
+        if stack.name != "decoder" or self.info.family != ENCODER_DECODER:
+            return None, None
+        encoder_states = self._encoder_states if "encoder" in self.read and not self.read_config.couple_encoder else None
+        if encoder_states is None:
+            encoder_states = kwargs.get("encoder_hidden_states")
+        if encoder_states is not None and encoder_states.dtype != capture.dtype:
+            encoder_states = encoder_states.to(capture.dtype)  # a low-precision backbone's encoder output
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        if encoder_mask is not None and encoder_mask.dim() != 2:
+            encoder_mask = None  # an already expanded 4D mask: attend everywhere rather than guess its layout
+        if encoder_states is not None and encoder_states.shape[0] != final.shape[0]:
+            raise RuntimeError(f"READ encoder states have batch {encoder_states.shape[0]}, decoder has {final.shape[0]}")
+        return encoder_states, encoder_mask
+
+    def _hand_on(self, stack: Stack, output, final: torch.Tensor, corrected: torch.Tensor):
+        """The stack's output with the corrected state in it. A decoupled encoder's correction goes to the decoder
+        side network only (the backbone decoder keeps reading the frozen encoder output)."""
+        if stack.name == "encoder" and self.info.family == ENCODER_DECODER:
+            if not self.read_config.couple_encoder:
+                self._encoder_states = corrected
+                output[READ_ENCODER_STATES] = corrected
+                return output
+            corrected = corrected.to(final.dtype)  # the coupled backbone decoder consumes it
+        if isinstance(output, (tuple, list)):
+            return (corrected, *output[1:])
+        output[next(iter(output.keys()))] = corrected
+        return output
+
+    # ---------------------------------------------------------------- several adapters (PEFT's names)
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter whose side networks and head run now."""
+        return self.named_adapters.active
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        return self.named_adapters.names
+
+    def list_adapters(self) -> list[str]:
+        return self.adapters
+
+    @property
+    def adapter_configs(self) -> dict[str, ReadConfig]:
+        """Each adapter's READ config (PEFT's `peft_config`)."""
+        return self.named_adapters.configs()
+
+    def load_adapter(self, adapter_directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a READ adapter saved with `save_pretrained` (or `readapt train`) next to the ones already loaded.
+        It must come from a backbone like this one (same signature) and attach READ the same way (same stacks,
+        same coupling, same head module names); its head may have another shape (another label set): it gets
+        its own head modules. The active adapter does not change (use `set_adapter`)."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.named_adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} is already loaded; delete it first or pick another name")
+        adapter_directory = Path(adapter_directory)
+        metadata = read_adapter_metadata(adapter_directory, method="read")
+        check_backbone_compatible(metadata["backbone"], self.info.signature(), adapter_directory)
+        try:
+            config = ReadConfig.from_dict(metadata["config"])
+        except ConfigError as exc:
+            raise IncompatibleAdapterError(f"adapter {adapter_directory}: {exc}") from None
+        self._check_same_attachment(config, metadata, adapter_directory)
+        state = load_safetensors(adapter_directory / WEIGHTS_NAME)
+        read = self._side_networks(config)
+        heads = {name: self._new_head(name, state, adapter_directory) for name in self.head_module_names}
+        copy_into(self._adapter_tensors(read, heads), state, str(adapter_directory))
+        if config.h0 == "embeddings":
+            self._install_embedding_hooks()
+        for module in (read, *heads.values()):
+            module.requires_grad_(is_trainable)
+        labels = labels_for(self.backbone, self.info.stacks[-1].hidden_size, heads, adapter_directory)
+        self.named_adapters.add(adapter_name, NamedAdapter(config, read, heads, labels))
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter that runs: its side networks and head modules go into the model."""
+        adapter = self.named_adapters.get(adapter_name)
+        if adapter_name == self.named_adapters.active:
+            return
+        self.named_adapters.get(self.named_adapters.active).labels = label_settings(self.backbone)
+        self.read = adapter.read.to(next(self.read.parameters()).device)  # where the side networks live
+        self.read_config = adapter.config
+        for name, head in adapter.heads.items():
+            current = next(self.backbone.get_submodule(name).parameters(), None)
+            set_submodule(self.backbone, name, head if current is None else head.to(current.device))
+        apply_label_settings(self.backbone, adapter.labels)
+        self.named_adapters.active = adapter_name
+        for module in (adapter.read, *adapter.heads.values()):  # the mode train() gives them (the body's is unchanged)
+            module.train(self.training)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget an adapter. Deleting the active one activates the first of the others; the last one stays."""
+        self.named_adapters.get(adapter_name)
+        if len(self.named_adapters) > 1 and adapter_name == self.named_adapters.active:
+            self.set_adapter(next(name for name in self.named_adapters.names if name != adapter_name))
+        self.named_adapters.remove(adapter_name)
+
+    @contextlib.contextmanager
+    def using_adapter(self, adapter_name: str):
+        """Within this block `adapter_name` is active; the previously active adapter comes back afterwards."""
+        previous = self.named_adapters.active
+        self.set_adapter(adapter_name)
+        try:
+            yield self
+        finally:
+            if previous in self.named_adapters:
+                self.set_adapter(previous)
+
+    def _check_same_attachment(self, config: ReadConfig, metadata: dict, directory: Path) -> None:
+        """Adapters share this model's hooks: the same stacks, coupling and head module names."""
+        try:
+            stacks = [s.name for s in self._select_stacks(self.info, config)]
+        except ConfigError as exc:
+            raise IncompatibleAdapterError(f"adapter {directory}: {exc}") from None
+        ours = [s.name for s in self.adapted_stacks]
+        if stacks != ours:
+            raise IncompatibleAdapterError(f"adapter {directory} adapts the {' + '.join(stacks)} stack(s); the adapters "
+                                           f"of this model adapt {' + '.join(ours)}")
+        if config.couple_encoder != self.read_config.couple_encoder:
+            raise IncompatibleAdapterError(f"adapter {directory} has couple_encoder={config.couple_encoder}, the adapters "
+                                           f"of this model couple_encoder={self.read_config.couple_encoder}")
+        heads = list(metadata.get("head_modules") or [])
+        if heads != self.head_module_names:
+            raise IncompatibleAdapterError(f"adapter {directory} trains the head module(s) {heads}; the adapters of "
+                                           f"this model train {self.head_module_names}")
+
+    def _new_head(self, name: str, state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
+        """A loaded adapter's own instance of head module `name` (resized to its label count where needed)."""
+        head = head_for(self.backbone, name, state, directory)
+        return self._float32_head(head) if self.backbone_dtype in LOW_PRECISION else head
+
+    def _adapter_tensors(self, read: nn.ModuleDict, heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        state = {f"read.{k}": v for k, v in read.state_dict().items()}
+        for name, head in heads.items():
+            state.update({f"head.{name}.{k}": v for k, v in head.state_dict().items()})
+        return state
+
+    # ---------------------------------------------------------------- nn.Module behaviour
+    def forward(self, *args, **kwargs):
+        return self.backbone(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if not (hasattr(self.backbone, "can_generate") and self.backbone.can_generate()):
+            raise ConfigError(f"{self.info.architecture} cannot generate; generate() needs a seq2seq or causal LM backbone")
+        if self.info.family == DECODER_ONLY and self.read_config.sequence_context != "none":
+            # a running mean over the sequence needs every earlier token's summary at each step: recompute
+            kwargs["use_cache"] = False
+        return self.backbone.generate(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The frozen body always runs as at inference (no dropout): the stacks, and what feeds them (BERT's
+        # embedding dropout sits outside its encoder stack). Their outputs then depend only on the input,
+        # which is what makes them cacheable and the backbone truly forward-only. The task head (and what
+        # follows the body, e.g. the classifier's dropout) trains as usual.
+        self.backbone.base_model.eval()
+        for stack in self.info.stacks:
+            stack.module.eval()
+        for name in self.head_module_names:
+            self.backbone.get_submodule(name).train(mode)
+        return self
+
+    # ---------------------------------------------------------------- parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------- save / load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything READ trains: the side networks and the task head, nothing of the frozen backbone."""
+        state = {f"read.{k}": v for k, v in self.read.state_dict().items()}
+        for name in self.head_module_names:
+            state.update({f"head.{name}.{k}": v for k, v in self.backbone.get_submodule(name).state_dict().items()})
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        copy_into(self.adapter_state_dict(), state, source)
+
+    def adapter_metadata(self) -> dict:
+        return {
+            "method": "read",
+            "readapt_version": __version__,
+            "config": self.read_config.to_dict(),
+            "backbone": self.info.signature(),
+            "base_model_name_or_path": getattr(self.backbone.config, "_name_or_path", ""),
+            "head_modules": self.head_module_names,
+        }
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the READ config (JSON) and the trainable weights (safetensors), each atomically."""
+        save_directory = Path(save_directory)
+        atomic_save_safetensors(save_directory / WEIGHTS_NAME, self.adapter_state_dict(), metadata={"format": "pt"})
+        atomic_write_json(save_directory / CONFIG_NAME, self.adapter_metadata())
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, is_trainable: bool = False,
+                        adapter_name: str = DEFAULT_ADAPTER) -> ReadModel:
+        adapter_directory = Path(adapter_directory)
+        metadata = read_adapter_metadata(adapter_directory, method="read")
+        check_backbone_compatible(metadata["backbone"], describe_backbone(backbone).signature(), adapter_directory)
+        config = ReadConfig.from_dict(metadata["config"])
+        model = cls(backbone, config, adapter_name=adapter_name)
+        model.load_adapter_state_dict(load_safetensors(adapter_directory / WEIGHTS_NAME), source=str(adapter_directory))
+        if not is_trainable:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+
+def get_read_model(backbone: nn.Module, config: ReadConfig | None = None) -> ReadModel:
+    """Freeze `backbone` and attach READ to it (in place, as PEFT does). Returns the ReadModel."""
+    return ReadModel(backbone, config or ReadConfig())
