@@ -39,15 +39,19 @@ class ReadConfig:
     hidden state, scaled by ``scaling``.
     """
 
-    hidden_size: int = 256
-    rnn_type: str = "gru"
-    num_rnn_layers: int = 1
-    # Project each layer's state d -> hidden_size before the RNN: fewer weights for wide backbones.
-    input_projection: bool = True
-    aggregation: str = "mean"
-    scaling: float = 1.0
-    h0: str = "zeros"
-    dropout: float = 0.0
+    # Every field's help text is in its metadata (PEFT-style); the CLI's READ flags are generated from it.
+    hidden_size: int = field(default=256, metadata={"help": "RNN hidden size r (the side network's width)"})
+    rnn_type: str = field(default="gru", metadata={
+        "help": "the recurrent cell across the layers; mlp = the non-recurrent ablation", "choices": RNN_TYPES})
+    num_rnn_layers: int = field(default=1, metadata={"help": "stacked RNN layers"})
+    input_projection: bool = field(default=True, metadata={
+        "help": "project each layer's state d -> hidden_size before the RNN (fewer weights for wide backbones)"})
+    aggregation: str = field(default="mean", metadata={
+        "help": "how the RNN's outputs over the layer steps become one summary", "choices": AGGREGATIONS})
+    scaling: float = field(default=1.0, metadata={"help": "the correction's scale alpha"})
+    h0: str = field(default="zeros", metadata={
+        "help": "the RNN's initial state: zeros, or a projection of the embedding output", "choices": H0_MODES})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the RNN's inputs and summary"})
     # Without sequence context ("none") each token is corrected from its own layer states only, and a head that
     # reads one position ([CLS], a decoder's last token) gets a correction computed from that position alone.
     # Both contexts add something about the whole input to every token's RNN summary, over the real tokens of
@@ -63,26 +67,32 @@ class ReadConfig:
     # first text (up to and including the first separator token) and the second one (the rest; zero for a single
     # text), each RMS-normalised: what a sentence-pair task needs to compare its two texts. One more weight
     # matrix (3d x r); a [CLS]-reading head needs the RNN on [CLS] alone, and the cache replays [CLS] and three means per layer.
-    sequence_context: str = "auto"
-    # The token that ends the first text ("segments" context): None takes the backbone config's sep_token_id
-    # (readapt's loader sets it from the tokenizer); the training recipe needs nothing here.
-    separator_token_id: int | None = None
-    # Encoder-decoder only: feed the corrected encoder output to the backbone decoder. This makes
-    # gradients flow through the frozen decoder (more memory); it exists for ablations.
-    couple_encoder: bool = False
-    # Encoder-decoder only: the decoder side network attends over the corrected encoder output.
-    encoder_context: bool = True
-    # Which stacks to adapt: None means every stack the backbone has.
-    stacks: list[str] | None = None
-    # Backbone modules trained alongside READ (task heads). None: detect newly added heads
-    # (classifier / score / ...); [] trains READ alone.
-    head_modules: list[str] | None = None
-    # Recompute the side network during backward instead of keeping its activations: the RNN is
-    # tiny next to the backbone, and this keeps the training peak close to inference.
-    recompute: bool = True
-    # Tokens per recomputed chunk: bounds the side network's activation memory during backward.
-    recompute_chunk_tokens: int = 256
-    rms_norm_eps: float = 1e-6
+    sequence_context: str = field(default="auto", metadata={
+        "help": "what every token's correction also sees of its sequence: segments = every layer's mean over the "
+                "tokens and how the means of a pair's two texts compare, in the RNN's input; pooled = the RNN's "
+                "summary of every layer's mean over the tokens (both let a [CLS] head and the feature cache work on "
+                "[CLS] alone); mean = the mean of the tokens' RNN summaries; none = its own states only; auto = "
+                "segments on encoders (pooled without a separator token), none elsewhere",
+        "choices": SEQUENCE_CONTEXTS})
+    separator_token_id: int | None = field(default=None, metadata={
+        "help": "the token that ends the first text ('segments' context); default: the backbone config's "
+                "sep_token_id (readapt's loader sets it from the tokenizer)"})
+    couple_encoder: bool = field(default=False, metadata={
+        "help": "encoder-decoder ablation: the backbone decoder consumes the corrected encoder output, so gradients "
+                "flow through the frozen decoder (more memory)"})
+    encoder_context: bool = field(default=True, metadata={
+        "help": "encoder-decoder: the decoder side network attends over the corrected encoder output (Joiner)"})
+    stacks: list[str] | None = field(default=None, metadata={
+        "help": "which stacks to adapt (encoder, decoder); None: every stack the backbone has"})
+    head_modules: list[str] | None = field(default=None, metadata={
+        "help": "backbone modules trained alongside READ (task heads); None: detect newly added heads "
+                "(classifier / score / ...); [] trains READ alone"})
+    recompute: bool = field(default=True, metadata={
+        "help": "recompute the side network during backward instead of keeping its activations (keeps the "
+                "training peak close to inference)"})
+    recompute_chunk_tokens: int = field(default=256, metadata={
+        "help": "tokens per recomputed chunk: bounds the side network's activation memory during backward"})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of the RMS normalisation of the states"})
     method: str = field(default="read", init=False)
 
     def __post_init__(self) -> None:
