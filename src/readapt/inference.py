@@ -39,7 +39,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,16 +204,28 @@ class Predictor:
                  for e in self.entries if column in e.spec.input_columns]
         return ", ".join(users)
 
-    @torch.no_grad()
     def predict_batch(self, rows: Sequence[dict[str, str]], shared: bool = True) -> dict[str, list]:
         """{adapter name: predictions} for a batch of rows (each a {column: text} dict). `shared=False` runs
         every adapter on its own backbone pass (for comparison: the predictions are the same)."""
+        return self.predict_with_scores(rows, shared=shared)[0]
+
+    @torch.no_grad()
+    def predict_with_scores(self, rows: Sequence[dict[str, str]], names: Collection[str] | None = None,
+                            shared: bool = True) -> tuple[dict[str, list], dict[str, list[dict[str, float]]]]:
+        """(predictions, scores) of the adapters in `names` (default: all; groups none of them belongs to do not
+        run). Predictions as `predict_batch`; scores: per classification adapter, each row's class probabilities
+        {label: p} (the softmax of its logits, or over its candidate answers' log-likelihoods for text-to-text);
+        regression and generation adapters have none."""
         predictions: dict[str, list] = {}
+        scores: dict[str, list[dict[str, float]]] = {}
         for group in self.groups:
+            wanted = [name for name in group.names if names is None or name in names]
+            if not wanted:
+                continue
             batch = self._batch(group.spec, rows)
             if group.spec.task.is_generation:
                 settings = GenerationSettings(**(group.spec.generation or {}))
-                for name in group.names:
+                for name in wanted:
                     with self.model.using_adapter(name):
                         predictions[name] = generate_texts(self.model, batch, self.tokenizer, settings, self.causal)
                 continue
@@ -225,12 +237,14 @@ class Predictor:
                     return candidate_scores(self.model, batch, candidates, self.causal)
             with self.model.correcting_positions(self.positions) if self.positions else contextlib.nullcontext():
                 if shared:
-                    outputs = self.model.run_adapters(run, group.names)
+                    outputs = self.model.run_adapters(run, wanted)
                 else:
-                    outputs = {name: self.model.run_adapters(run, [name])[name] for name in group.names}
-            for name in group.names:
+                    outputs = {name: self.model.run_adapters(run, [name])[name] for name in wanted}
+            for name in wanted:
                 predictions[name] = self._labels(self.specs[name], outputs[name], group.candidates)
-        return predictions
+                if not self.specs[name].task.is_regression:
+                    scores[name] = self._probabilities(self.specs[name], outputs[name], group.candidates)
+        return predictions, scores
 
     def predict(self, rows: Sequence[dict[str, str]], batch_size: int = 64, progress: bool = False,
                 shared: bool = True) -> dict[str, list]:
@@ -257,6 +271,12 @@ class Predictor:
         if spec.task.is_regression:
             return [float(v) for v in output.squeeze(-1).float().tolist()]
         return [spec.label_value(i) for i in output.argmax(-1).tolist()]
+
+    @staticmethod
+    def _probabilities(spec: TaskSpec, output: torch.Tensor, candidates: Candidates | None) -> list[dict[str, float]]:
+        labels = [spec.label_value(v) for v in (candidates.values if candidates is not None
+                                                else range(output.shape[-1]))]
+        return [dict(zip(labels, row, strict=True)) for row in torch.softmax(output.float(), -1).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------- files
