@@ -17,7 +17,7 @@ from accelerate import Accelerator
 import readapt.answers as answers
 from readapt import ReadConfig, get_read_model
 from readapt.pretrained import load_backbone
-from readapt.training import DataConfig, DevEvaluator, load_task_data
+from readapt.recipe import DataConfig, DevEvaluator, load_task_data
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

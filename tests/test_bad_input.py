@@ -188,7 +188,7 @@ def test_train_resume_and_eval_never_unpickle(tiny_models, tmp_path, monkeypatch
 
     for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(module, name, refuse)
-    from readapt import training
+    from readapt.recipe import steps as training
 
     original, calls = training.save_checkpoint, {"n": 0}
 

@@ -29,14 +29,14 @@ import torch
 
 from conftest import REAL_GLUE_DIR, REPO_ROOT, needs_real_glue
 from readapt.cli import main
-from readapt.data import Collator
+from readapt.encoding import Collator
 from readapt.errors import ConfigError
 from readapt.pretrained import load_backbone
 from readapt.read.cache import FeatureCache
 from readapt.read.config import ReadConfig
 from readapt.read.model import ReadModel, get_read_model
 from readapt.read.side_network import second_text_start
-from readapt.training import DataConfig, TrainingConfig, train
+from readapt.recipe import DataConfig, TrainingConfig, train
 
 WORDS = ("good", "bad", "fine", "awful", "great", "terrible", "movie", "plot", "actor", "scene", "boring", "fun", "long",
          "short")
@@ -196,13 +196,13 @@ def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(cont
     """The training loop finds that the BERT head reads [CLS] only and corrects that position alone (recorded in
     metrics.json); the losses are those of a run that corrects every token. T5 and a decoder-only head: every token.
     ("segments": on pairs of texts.)"""
-    import readapt.training as training
+    from readapt.recipe.steps import TrainRecipe
 
     config = _config(tmp_path, tiny_models["bert"], pairs=context == "segments",
                      method_options={"hidden_size": 16, "sequence_context": context})
     first, metrics = _train_losses(config, step_losses)
     assert metrics["read_corrected_positions"].startswith("first token")
-    monkeypatch.setattr(training, "_corrects_first_token_only", lambda *args: False)
+    monkeypatch.setattr(TrainRecipe, "_corrects_first_token_only", lambda *args: False)
     every, every_metrics = _train_losses(config, step_losses)
     assert every_metrics["read_corrected_positions"] == "every token"
     assert first == pytest.approx(every, rel=1e-5)
@@ -244,8 +244,9 @@ def test_low_precision_cache_within_rounding(dtype, tolerance, tiny_models, tmp_
 
 
 def test_dev_predictions_from_cache_equal_live(tiny_models, tmp_path):
+    from readapt.recipe import DevEvaluator, predict, replaying_batch
+    from readapt.recipe.cache_jobs import CacheJobs
     from readapt.tasks import load_custom_task
-    from readapt.training import DevEvaluator, _CacheJobs, _replaying, predict
 
     for kind in ("bert", "t5"):
         model, loaded = _read_model(tiny_models[kind], ReadConfig(hidden_size=16))
@@ -264,14 +265,14 @@ def test_dev_predictions_from_cache_equal_live(tiny_models, tmp_path):
                 return model
 
         live = DevEvaluator.build(task, {"validation": splits["validation"]}, loaded, 32, 8, CPU)
-        jobs = _CacheJobs(config, model, loaded)
+        jobs = CacheJobs(config, model, loaded)
         cached = DevEvaluator.build(task, {"validation": splits["validation"]}, loaded, 32, 8, CPU, jobs)
         jobs.build(model, CPU, batch_size=8, progress=False)
         expected = predict(model, live.loaders["validation"], task, live.candidates)
         assert predict(model, cached.loaders["validation"], task, cached.candidates) == expected
         # and the scores behind the predictions (the cache was built in other batches: float32 rounding)
         for live_batch, cached_batch in zip(live.loaders["validation"], cached.loaders["validation"], strict=True):
-            with torch.no_grad(), _replaying(model, cached_batch):
+            with torch.no_grad(), replaying_batch(model, cached_batch):
                 got = _scores(model, cached_batch, cached.candidates)
             with torch.no_grad():
                 want = _scores(model, live_batch, live.candidates)
@@ -385,7 +386,7 @@ import os, sys
 sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
 from pathlib import Path
 from readapt.read.config import ReadConfig
-from readapt.data import Collator
+from readapt.encoding import Collator
 from readapt.read.cache import FeatureCache
 from test_cache import _read_model, _features
 model, loaded = _read_model(Path({str(tiny_models['bert'])!r}), ReadConfig(hidden_size=16))

@@ -14,12 +14,12 @@ from conftest import REAL_GLUE_DIR, needs_real_glue, tiny_backbone, train_steps
 from readapt import ConfigError, ReadConfig, get_read_model
 from readapt.answers import candidate_scores, causal_lm_loss, generate_texts
 from readapt.cli import METHOD_NAMES, main
-from readapt.data import IGNORE_INDEX, Candidates, Collator, encode, left_padded
+from readapt.encoding import IGNORE_INDEX, Candidates, Collator, encode, left_padded
 from readapt.pretrained import load_backbone
+from readapt.recipe import DataConfig, TrainingConfig, evaluate_adapter, train
 from readapt.settings import GenerationSettings
 from readapt.tasks import Example, compute_metrics, load_custom_task
 from readapt.tasks.metrics import exact_match, normalize_answer, token_f1
-from readapt.training import DataConfig, TrainingConfig, evaluate_adapter, train
 
 SMALL = ReadConfig(hidden_size=16)
 

@@ -16,12 +16,12 @@ from conftest import REAL_GLUE_DIR, make_batch, needs_real_glue, tiny_backbone, 
 from readapt import ConfigError, IncompatibleAdapterError, ReadConfig, ReadModel, get_read_model
 from readapt.answers import candidate_scores
 from readapt.cli import main
-from readapt.data import Candidates
+from readapt.encoding import Candidates
 from readapt.inference import Predictor
 from readapt.methods import get_method
+from readapt.recipe import DataConfig, TrainingConfig
 from readapt.task_spec import TASK_FILE, TaskSpec, read_task_file, write_task_file
 from readapt.tasks import get_task
-from readapt.training import DataConfig, TrainingConfig
 
 SMALL = ReadConfig(hidden_size=16)
 OTHER = ReadConfig(hidden_size=8, rnn_type="lstm", h0="embeddings", aggregation="last")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import REAL_GLUE_DIR, backward_with_counter, needs_real_glue
 from readapt import ReadConfig, ReadModel, get_read_model
 from readapt.pretrained import embedded_backbone_dir, smollm2_gguf_file
-from readapt.training import DataConfig, TrainingConfig, train
+from readapt.recipe import DataConfig, TrainingConfig, train
 
 pytestmark = pytest.mark.slow
 

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from conftest import REAL_GLUE_DIR, needs_real_glue
-from readapt.checkpoint import (
+from readapt.cli import main
+from readapt.io import load_safetensors
+from readapt.recipe.checkpoint import (
     TornCheckpoint,
     list_checkpoints,
     load_checkpoint,
     newest_valid_checkpoint,
     save_checkpoint,
 )
-from readapt.cli import main
-from readapt.io import load_safetensors
 
 # 96 RTE rows, batch 8: 12 steps per epoch, 3 epochs; a checkpoint every 5 steps (never on an epoch end).
 RUN = ["--task", "rte", "--max-train-samples", "96", "--max-eval-samples", "32", "--batch-size", "8",
@@ -140,7 +140,7 @@ def _train(tiny_models, out: Path, *extra: str) -> int:
 
 def _stop_at_step(monkeypatch, step: int) -> None:
     """Make optimizer step `step` raise, as a crash would (after the checkpoints before it were written)."""
-    from readapt import training
+    from readapt.recipe import steps as training
 
     original = training.save_checkpoint
 
@@ -280,7 +280,7 @@ def test_checkpoint_round_trip_restores_optimizer_scheduler_and_rng(tmp_path):
 
     import numpy as np
 
-    from readapt.checkpoint import restore_rng, restore_training_state
+    from readapt.recipe.checkpoint import restore_rng, restore_training_state
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

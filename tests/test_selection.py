@@ -9,7 +9,7 @@ import pytest
 from conftest import REAL_GLUE_DIR, needs_real_glue
 from readapt.cli import main
 from readapt.errors import ConfigError
-from readapt.training import SELECTION_SPLIT, DataConfig, TrainingConfig, load_task_data, train
+from readapt.recipe import SELECTION_SPLIT, DataConfig, TrainingConfig, load_task_data, train
 
 
 @needs_real_glue

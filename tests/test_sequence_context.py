@@ -170,7 +170,7 @@ def test_causal_context_never_looks_ahead(context):
 @pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_decoder_only_context_padding_cache_and_generation(kind, context):
-    from readapt.data import left_padded
+    from readapt.encoding import left_padded
 
     model = get_read_model(tiny_backbone(kind), _config(context))
     _randomise_up_projections(model)
@@ -208,11 +208,11 @@ def test_what_it_cannot_do_is_refused():
 
 
 def test_command_line_flag_reaches_the_config():
-    from readapt.cli import _train_config, build_parser
+    from readapt.cli import build_parser, train_config_from_args
 
     for context in ("mean", "segments"):
         args = build_parser().parse_args(["train", "--task", "sst2", "--read-sequence-context", context])
-        assert _train_config(args).method_options == {"sequence_context": context}
+        assert train_config_from_args(args).method_options == {"sequence_context": context}
     assert build_parser().parse_args(["train", "--task", "sst2"]).read_sequence_context is None
 
 

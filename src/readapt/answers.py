@@ -3,7 +3,7 @@ decoder-only LMs), the decoder-only training loss, and generation for generation
 
 Every function takes the model to train or evaluate as it is (a ReadModel, a peft model, a backbone with
 adapters inside): the answers come out of the backbone's own LM head and `generate`, so every method is scored
-the same way. Decoder-only batches are left-padded with explicit position ids (readapt.data), so answers end at
+the same way. Decoder-only batches are left-padded with explicit position ids (readapt.encoding), so answers end at
 the last position and only the last few positions' logits are ever computed (`logits_to_keep`).
 """
 
@@ -14,7 +14,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from readapt.data import IGNORE_INDEX, Candidates, end_of_answer_id
+from readapt.encoding import IGNORE_INDEX, Candidates, end_of_answer_id
 from readapt.errors import ConfigError
 from readapt.read.model import ReadModel
 from readapt.settings import GenerationSettings

@@ -50,7 +50,7 @@ class LoadedBackbone:
     tokenizer: PreTrainedTokenizerBase
     text_to_text: bool  # the LM answers in words: encoder-decoder (T5 style) or a decoder-only causal LM
     source: str  # what the user asked for, resolved ("all-MiniLM-L6-v2 (<path>)", a Hub id, a folder)
-    causal_lm: bool = False  # a decoder-only LM with its LM head: prompt, then the answer (readapt.data)
+    causal_lm: bool = False  # a decoder-only LM with its LM head: prompt, then the answer (readapt.encoding)
 
 
 def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:

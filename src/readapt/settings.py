@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from readapt.errors import ConfigError
 
@@ -20,12 +20,13 @@ DECODER_HEADS = ("label-words", "classifier")
 class GenerationSettings:
     """How generation tasks are evaluated: passed to transformers' `generate` (greedy unless do_sample)."""
 
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_beams: int = 1
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "generation tasks: longest completion generated at evaluation", "type": "positive_int"})
+    do_sample: bool = field(default=False, metadata={"help": "generation tasks: sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "with --do-sample"})
+    top_p: float = field(default=1.0, metadata={"help": "with --do-sample"})
+    top_k: int = field(default=50, metadata={"help": "with --do-sample"})
+    num_beams: int = field(default=1, metadata={"help": "beam search width", "type": "positive_int"})
 
     def validate(self) -> None:
         checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,

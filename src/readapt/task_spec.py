@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from readapt.adapter_files import TASK_FILE
-from readapt.data import candidate_answers
+from readapt.encoding import candidate_answers
 from readapt.errors import IncompatibleAdapterError
 from readapt.io import atomic_write_json
 from readapt.tasks import Task
@@ -91,7 +91,7 @@ def _task_dict(task: Task) -> dict[str, Any]:
 
 
 def write_task_file(directory: str | Path, task: Task, config, text_to_text: bool, causal_lm: bool = False) -> None:
-    """Write `task.json` into a saved adapter's directory. `config` is the run's readapt.training.TrainingConfig."""
+    """Write `task.json` into a saved adapter's directory. `config` is the run's readapt.recipe.TrainingConfig."""
     data = config.data
     answers = {"causal_lm": causal_lm, "generation": config.generation.to_dict() if task.is_generation else None}
     if data.train_file is not None:

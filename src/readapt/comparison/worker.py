@@ -1,6 +1,6 @@
 """One benchmark measurement in a fresh process: `python -m readapt.comparison.worker SPEC.json RESULT.json`.
 
-SPEC.json says what to do: "run" trains one (task, method, seed) cell (readapt.training.train) under the
+SPEC.json says what to do: "run" trains one (task, method, seed) cell (readapt.recipe.train) under the
 energy meter, then, in another fresh process, "inference" measures latency and peak memory of the trained
 adapter; "memory" measures the peak memory of training steps at one batch size. The result goes to
 RESULT.json atomically; the parent (runner.py) collects it. Everything in-process so a failure is one line.
@@ -35,7 +35,7 @@ def run_training(spec: dict) -> dict[str, Any]:
     import torch
 
     from readapt.energy import EnergyMeter
-    from readapt.training import SELECTION_SPLIT, DataConfig, TrainingConfig, train
+    from readapt.recipe import SELECTION_SPLIT, DataConfig, TrainingConfig, train
 
     config = TrainingConfig(
         data=DataConfig(task=spec["task"], data_dir=spec.get("data_dir"), max_train_samples=spec.get("max_train_samples"),
@@ -94,11 +94,12 @@ def measure_inference(spec: dict) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from readapt.data import Collator, candidates_for, encode
+    from readapt.adapter_files import ADAPTER_DIR
+    from readapt.encoding import Collator, candidates_for, encode
     from readapt.measure import PeakMemoryMeter
     from readapt.methods import method_of
     from readapt.pretrained import load_backbone
-    from readapt.training import ADAPTER_DIR, DataConfig, _loader, load_task_data, predict
+    from readapt.recipe import DataConfig, load_task_data, make_loader, predict
 
     task, _, dev = load_task_data(DataConfig(task=spec["task"], data_dir=spec.get("data_dir")), seed=0)
     rows = next(iter(dev.values()))
@@ -118,10 +119,10 @@ def measure_inference(spec: dict) -> dict[str, Any]:
         needed = batch_size * (INFERENCE_REPEATS[batch_size] + 1)
         subset = (rows * (needed // len(rows) + 1))[:needed]
         features = encode(task, subset, loaded.tokenizer, spec["max_length"], loaded.text_to_text, causal)
-        loader = accelerator.prepare(_loader(features, batch_size, collator))
+        loader = accelerator.prepare(make_loader(features, batch_size, collator))
         times = []
         for index, batch in enumerate(loader):
-            single = _single_batch_loader(batch)
+            single = _single_batchmake_loader(batch)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
@@ -138,7 +139,7 @@ def measure_inference(spec: dict) -> dict[str, Any]:
     return out
 
 
-def _single_batch_loader(batch):
+def _single_batchmake_loader(batch):
     return [batch]
 
 
@@ -147,7 +148,7 @@ def measure_training_memory(spec: dict) -> dict[str, Any]:
     import torch
 
     from readapt.answers import causal_lm_loss
-    from readapt.data import IGNORE_INDEX
+    from readapt.encoding import IGNORE_INDEX
     from readapt.measure import PeakMemoryMeter
     from readapt.methods import get_method
     from readapt.pretrained import load_backbone

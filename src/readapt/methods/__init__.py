@@ -1,5 +1,5 @@
 """Fine-tuning methods behind one small interface (readapt.methods.base.Method), one module per method,
-so that one training loop (readapt.training) and one benchmark harness (readapt.comparison) serve them all."""
+so that one training loop (readapt.recipe) and one benchmark harness (readapt.comparison) serve them all."""
 
 from __future__ import annotations
 

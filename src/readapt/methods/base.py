@@ -32,6 +32,21 @@ class Method:
     default_lr: float
     families: tuple[str, ...] = ALL_FAMILIES  # backbone families the method supports
     backpropagates_through_backbone: bool = True  # False for READ and LST (side networks)
+    # The frozen backbone may be loaded in low precision (--backbone-dtype) or split / offloaded (--device-map):
+    # it only ever runs forward, and what the method trains copes with its dtype and placement.
+    supports_backbone_placement: bool = False
+    # The side network can correct chosen token positions only (`model.correcting_positions`), e.g. [CLS] alone.
+    corrects_positions: bool = False
+
+    def feature_cache_problem(self, options: dict[str, Any]) -> str | None:
+        """Why the backbone's hidden states cannot be computed once and replayed with these options (the end of
+        "--cache-features needs ..."); None when they can (readapt.read.cache)."""
+        return (f"--method read: with {self.name} the backbone's hidden states change during training (its weights "
+                "are trained, or trained modules sit inside it), so they cannot be computed once")
+
+    def corrects_first_token_only(self, model: nn.Module, probe: dict[str, torch.Tensor]) -> bool:
+        """Whether the model may correct position 0 alone on inputs like `probe` (its head reads nothing else)."""
+        return False
 
     def prepare(self, backbone: nn.Module, options: dict[str, Any]) -> nn.Module:
         raise NotImplementedError

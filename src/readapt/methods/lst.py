@@ -609,7 +609,11 @@ class LadderSideTuning(PartialMethod):
     name = "lst"
     default_lr = 3e-3  # the LST paper's rate for T5-base on GLUE
     backpropagates_through_backbone = False
+
     defaults = {"reduction_factor": 8, "gate_init": 0.0, "gate_temperature": 0.1, "dropout": 0.1}
+
+    def feature_cache_problem(self, options):
+        return "--method read: LST's backbone states could be cached, but LST does not replay them yet"
 
     def options(self, options):
         options = super().options(options)
