@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from conftest import backward_with_counter, generation_kwargs, make_batch, tiny_backbone, train_steps
 from readapt import ConfigError
 from readapt.methods import count_trainable, get_method
-from readapt.methods.lst import LST_ENCODER_STATES, _additive_mask
+from readapt.methods.lst import LST_ENCODER_STATES, additive_mask
 
 KINDS = ["t5", "bart", "bert", "gpt2", "llama-cls"]
 LST = get_method("lst")
@@ -227,11 +227,11 @@ def test_unpruned_side_block_computes_exactly_its_backbone_layer(kind):
         if seq2seq and stack.name == "decoder":
             with torch.no_grad():
                 extra["memory"] = backbone.get_encoder()(**{k: batch[k] for k in ("input_ids", "attention_mask")})[0]
-            extra["memory_mask"] = _additive_mask(padding[:, None, None, :], torch.float32)
+            extra["memory_mask"] = additive_mask(padding[:, None, None, :], torch.float32)
         for i, block in enumerate(network.blocks):
             layer_input, layer_output = seen[stack.name, i]
             with torch.no_grad():
-                ours = block(layer_input, _additive_mask(keep, torch.float32), **extra)
+                ours = block(layer_input, additive_mask(keep, torch.float32), **extra)
             torch.testing.assert_close(ours, layer_output, rtol=1e-5, atol=1e-5, msg=f"{stack.name} layer {i}")
     for handle in hooks:
         handle.remove()

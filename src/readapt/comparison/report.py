@@ -18,27 +18,29 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-TASK_DISPLAY = {
-    "cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
-    "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI",
-}  # fmt: skip
-METHOD_ORDER = ("full", "lora", "adapter", "bitfit", "prompt", "lst", "read")
-METHOD_DISPLAY = {
-    "full": "Full fine-tuning", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit",
-    "prompt": "Prompt tuning", "lst": "LST", "read": "READ",
-}  # fmt: skip
-MISSING = "—"
+from readapt.comparison.results import (
+    METHOD_DISPLAY,
+    METHOD_ORDER,
+    MISSING,
+    TASK_DISPLAY,
+    TASK_ORDER,
+    BenchResults,
+    MethodSummary,
+    distinct,
+    numbers,
+    ordered,
+    pareto_front,
+    read_results,
+    seed_order,
+    summarise,
+)
 
 # results.csv: these columns first, in this order; metrics_* after score, inference_* after backbone_params.
 _CSV_LEADING = ("task", "method", "seed", "model", "score")
@@ -47,176 +49,6 @@ _CSV_COSTS = (
     "wall_seconds", "trainable_params", "trainable_percent", "backbone_params",
 )  # fmt: skip
 _CSV_DROPPED = ("kind", "status", "error")  # the same for every row of a table of successful runs
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class BenchResults:
-    """What results.jsonl holds, after dropping unreadable lines and superseded records."""
-
-    runs: list[dict[str, Any]] = field(default_factory=list)  # the latest record per (task, method, seed)
-    memory: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # lines skipped, records superseded: said under the table
-    first_record: dict[str, Any] | None = None
-
-    @property
-    def ok_runs(self) -> list[dict[str, Any]]:
-        return [run for run in self.runs if run.get("status") == "ok"]
-
-    @property
-    def failed_runs(self) -> list[dict[str, Any]]:
-        return [run for run in self.runs if run.get("status") != "ok"]
-
-
-def _task_key(task: Any) -> str:
-    """'SST-2', 'sst_2' and 'sst2' are one task."""
-    return str(task).lower().replace("-", "").replace("_", "")
-
-
-def read_results(results_file: Path) -> BenchResults:
-    text = Path(results_file).read_text(encoding="utf-8", errors="replace")
-    numbered_lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    results = BenchResults()
-    latest_runs: dict[tuple[Any, ...], dict[str, Any]] = {}
-    superseded = 0
-    for position, (number, line) in enumerate(numbered_lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if position == len(numbered_lines) - 1:
-                # The runner appends line by line: a run that is still writing, or was killed, leaves this.
-                results.problems.append(f"the last line ({number}) of {results_file.name} is incomplete; skipped")
-            else:
-                results.problems.append(f"line {number} of {results_file.name} is not valid JSON; skipped")
-            continue
-        if not isinstance(record, dict):
-            results.problems.append(f"line {number} of {results_file.name} is not a JSON object; skipped")
-            continue
-        if results.first_record is None:
-            results.first_record = record
-        if record.get("kind") == "run":
-            record = dict(record, task=_task_key(record.get("task")))
-            key = (record["task"], record.get("method"), record.get("seed"))  # failed records lack a model
-            superseded += key in latest_runs
-            # A rerun of the same (task, method, seed), e.g. after a failure, replaces the earlier record.
-            latest_runs.pop(key, None)
-            latest_runs[key] = record
-        elif record.get("kind") == "memory":
-            results.memory.append(record)
-    results.runs = list(latest_runs.values())
-    if superseded:
-        results.problems.append(
-            f"{superseded} run record(s) replaced by a later record for the same (task, method, seed)"
-        )
-    return results
-
-
-# ------------------------------------------------------------------------------------------- summaries
-
-
-def _ordered(names: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
-    """Known names in the preferred order, then the others alphabetically."""
-    unique = set(names)
-    return [name for name in preferred if name in unique] + sorted(unique - set(preferred))
-
-
-def _numbers(runs: Iterable[dict[str, Any]], *path: str) -> list[float]:
-    values = []
-    for run in runs:
-        value: Any = run
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            values.append(float(value))
-    return values
-
-
-def _seed_order(seed: Any) -> tuple[int, float, str]:
-    """Seeds in numeric order (2 before 10), anything else after them."""
-    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
-        return (0, float(seed), "")
-    return (1, 0.0, str(seed))
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-@dataclass
-class MethodSummary:
-    method: str
-    task_scores: dict[str, list[float]]  # task -> score of each seed, in seed order
-    task_seeds: dict[str, list[Any]]
-    average: float | None  # mean over all tasks of the per-task means; None if a task is missing
-    runs: int  # successful runs the cost means are over
-    trainable_percent: float | None
-    peak_memory_mb: float | None
-    memory_added_mb: float | None  # peak minus what the process held when training began (libraries, weights)
-    energy_j: float | None
-    energy_estimated: bool  # some run's energy is an estimate, not a measurement
-    train_seconds: float | None
-    train_cpu_seconds: float | None  # CPU time of the training steps: robust to other load on the machine
-    latency_ms_batch1: float | None
-    latency_ms_batch32: float | None
-
-
-def summarise(results: BenchResults) -> tuple[list[str], list[MethodSummary]]:
-    """Tasks in table order, and one summary per method (methods with only failed runs included)."""
-    ok_runs = results.ok_runs
-    tasks = _ordered((run["task"] for run in ok_runs), TASK_ORDER)
-    methods = _ordered((str(run.get("method")) for run in results.runs), METHOD_ORDER)
-    summaries = []
-    for method in methods:
-        runs = [run for run in ok_runs if str(run.get("method")) == method]
-        runs.sort(key=lambda run: _seed_order(run.get("seed")))
-        task_scores: dict[str, list[float]] = {}
-        task_seeds: dict[str, list[Any]] = {}
-        for task in tasks:
-            task_runs = [run for run in runs if run["task"] == task and _numbers([run], "score")]
-            if task_runs:
-                task_scores[task] = _numbers(task_runs, "score")
-                task_seeds[task] = [run.get("seed") for run in task_runs]
-        has_every_task = bool(tasks) and all(task in task_scores for task in tasks)
-        runs_with_energy = [run for run in runs if _numbers([run], "energy_j")]
-        summaries.append(
-            MethodSummary(
-                method=method,
-                task_scores=task_scores,
-                task_seeds=task_seeds,
-                average=statistics.fmean(statistics.fmean(task_scores[t]) for t in tasks) if has_every_task else None,
-                runs=len(runs),
-                trainable_percent=_mean(_numbers(runs, "trainable_percent")),
-                peak_memory_mb=_mean(_numbers(runs, "peak_memory_mb")),
-                memory_added_mb=_mean([run["peak_memory_mb"] - run["memory_at_start_mb"] for run in runs
-                                       if _numbers([run], "peak_memory_mb") and _numbers([run], "memory_at_start_mb")]),
-                energy_j=_mean(_numbers(runs, "energy_j")),
-                energy_estimated=any(run.get("energy_measured") is not True for run in runs_with_energy),
-                train_seconds=_mean(_numbers(runs, "train_seconds")),
-                train_cpu_seconds=_mean(_numbers(runs, "train_cpu_seconds")),
-                latency_ms_batch1=_mean(_numbers(runs, "inference", "latency_ms_batch1")),
-                latency_ms_batch32=_mean(_numbers(runs, "inference", "latency_ms_batch32")),
-            )
-        )
-    return tasks, summaries
-
-
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the (name, cost, score) points no other point beats: lower-or-equal cost and
-    higher-or-equal score, strictly better in one. Ordered by increasing cost."""
-    front = []
-    for name, cost, score in points:
-        dominated = any(
-            other_cost <= cost and other_score >= score and (other_cost < cost or other_score > score)
-            for _, other_cost, other_score in points
-        )
-        if not dominated:
-            front.append((cost, -score, name))
-    return [name for _, _, name in sorted(front)]
-
-
-# -------------------------------------------------------------------------------------------- table.md
 
 
 def _score_cell(scores: list[float] | None) -> str:
@@ -246,10 +78,6 @@ def _seed_count(summary: MethodSummary) -> str:
     if not counts:
         return "0"
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-
-
-def _distinct(values: Iterable[Any]) -> list[str]:
-    return list(dict.fromkeys(str(value) for value in values if value not in (None, "")))
 
 
 def _one_line(text: Any) -> str:
@@ -339,17 +167,17 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
     below += [f"- {_one_line(note)}" for note in notes or []]
     below += ["", "Meters:"]
     for label, values in (
-        ("training peak memory", _distinct(run.get("memory_meter") for run in ok_runs)),
-        ("energy", _distinct(run.get("energy_meter") for run in ok_runs)),
-        ("energy meter detail", _distinct(run.get("energy_detail") for run in ok_runs)),
-        ("inference peak memory", _distinct((run.get("inference") or {}).get("memory_meter") for run in ok_runs)),
-        ("memory sweep", _distinct(record.get("memory_meter") for record in results.memory)),
+        ("training peak memory", distinct(run.get("memory_meter") for run in ok_runs)),
+        ("energy", distinct(run.get("energy_meter") for run in ok_runs)),
+        ("energy meter detail", distinct(run.get("energy_detail") for run in ok_runs)),
+        ("inference peak memory", distinct((run.get("inference") or {}).get("memory_meter") for run in ok_runs)),
+        ("memory sweep", distinct(record.get("memory_meter") for record in results.memory)),
     ):
         if values:
             below.append(f"- {label}: {'; '.join(values)}")
     first = results.first_record or {}
     below += ["", f"Machine: {_describe(first.get('machine'))}.", f"Versions: {_describe(first.get('versions'))}."]
-    models = _distinct(run.get("model") for run in results.runs)
+    models = distinct(run.get("model") for run in results.runs)
     if len(models) > 1:
         below.append(f"Warning: these results mix {len(models)} models: {', '.join(models)}.")
 
@@ -362,7 +190,7 @@ def render_table(results: BenchResults, notes: list[str] | None = None) -> str:
         below.append(f"- {METHOD_DISPLAY.get(s.method, s.method)}: {per_task or 'no successful run'}")
 
     failed = sorted(
-        results.failed_runs, key=lambda run: (str(run.get("method")), run["task"], _seed_order(run.get("seed")))
+        results.failed_runs, key=lambda run: (str(run.get("method")), run["task"], seed_order(run.get("seed")))
     )
     if failed:
         listed = "; ".join(
@@ -413,7 +241,7 @@ def render_csv(results: BenchResults) -> str:
         results.ok_runs,
         key=lambda run: (
             method_rank.get(str(run.get("method")), len(METHOD_ORDER)), str(run.get("method")),
-            task_rank.get(run["task"], len(TASK_ORDER)), run["task"], _seed_order(run.get("seed")),
+            task_rank.get(run["task"], len(TASK_ORDER)), run["task"], seed_order(run.get("seed")),
         ),
     )  # fmt: skip
     rows = [{k: v for k, v in _flatten(run).items() if k not in _CSV_DROPPED} for run in runs]
@@ -487,12 +315,12 @@ def _cost_plot(
 
 
 def _memory_sweep_plot(memory_records: list[dict[str, Any]]) -> bytes | None:
-    ok = [r for r in memory_records if r.get("status", "ok") == "ok" and _numbers([r], "peak_memory_mb")]
+    ok = [r for r in memory_records if r.get("status", "ok") == "ok" and numbers([r], "peak_memory_mb")]
     if not ok:
         return None
-    seq_lens = _distinct(r.get("seq_len") for r in ok)
+    seq_lens = distinct(r.get("seq_len") for r in ok)
     figure, axes = _new_figure()
-    for method in _ordered((str(r.get("method")) for r in ok), METHOD_ORDER):
+    for method in ordered((str(r.get("method")) for r in ok), METHOD_ORDER):
         for seq_len in seq_lens:
             by_batch: dict[float, list[float]] = {}
             for r in ok:
@@ -503,7 +331,7 @@ def _memory_sweep_plot(memory_records: list[dict[str, Any]]) -> bytes | None:
             batches = sorted(by_batch)
             label = METHOD_DISPLAY.get(method, method) + (f" (seq {seq_len})" if len(seq_lens) > 1 else "")
             axes.plot(batches, [statistics.fmean(by_batch[b]) for b in batches], marker="o", label=label)
-    meters = _distinct(r.get("memory_meter") for r in ok)
+    meters = distinct(r.get("memory_meter") for r in ok)
     axes.set_xlabel("Batch size")
     axes.set_ylabel(f"Peak memory (MiB)\nmeter: {'; '.join(meters) or 'not recorded'}", fontsize=9)
     seq_text = f", sequence length {seq_lens[0]}" if len(seq_lens) == 1 else ""
@@ -568,7 +396,7 @@ def write_reports(
     write("table", "table.md", render_table(results, notes).encode("utf-8"))
 
     energy_unit, energy_scale = _energy_unit(summaries)
-    energy_meters = _distinct(run.get("energy_meter") for run in ok_runs)
+    energy_meters = distinct(run.get("energy_meter") for run in ok_runs)
     energy_estimated = any(s.energy_estimated for s in summaries)
     energy_title = "Average score vs energy" + (
         " (estimated from CPU time, not measured)" if energy_estimated else " (measured)"
@@ -577,7 +405,7 @@ def write_reports(
         "score_vs_memory",
         "score_vs_memory.png",
         _cost_plot(summaries, "peak_memory_mb", "Peak training memory (MiB), mean over runs", 1.0,
-                   _distinct(run.get("memory_meter") for run in ok_runs), "Average score vs peak training memory"),
+                   distinct(run.get("memory_meter") for run in ok_runs), "Average score vs peak training memory"),
     )  # fmt: skip
     write(
         "score_vs_energy",

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,219 +63,20 @@ from readapt.backbone import ENCODER_DECODER, BackboneInfo, Stack
 from readapt.errors import ConfigError, IncompatibleAdapterError, UnsupportedModelError
 from readapt.frozen import FrozenBackboneWrapper, first_tensor
 from readapt.methods.base import PartialMethod, require_positive_int
+from readapt.methods.lst_pruning import (
+    LAYOUTS,
+    Layout,
+    Pruned,
+    hidden_importance,
+    layout_name,
+    linear_from,
+    norm_like,
+    prune_layer,
+    read_layer,
+    top_k_indices,
+)
 
 LST_ENCODER_STATES = "lst_encoder_states"
-
-
-# ------------------------------------------------------------------ reading a backbone block
-@dataclass(frozen=True)
-class _Layout:
-    """Where a backbone block keeps its weights (submodule paths by side-block role) and how it computes."""
-
-    paths: dict[str, Any]
-    pre_norm: bool
-    activation: str  # the config attribute naming the FFN activation
-    scaled: bool = True  # False: T5 does not scale q.k by 1/sqrt(head_dim)
-    position: str | None = None  # "relative-bias" (T5), "rotary" (Llama), None: positions are in h_0
-
-
-_LAYOUTS = {
-    "bert": _Layout({"attn": ("attention.self.query", "attention.self.key", "attention.self.value",
-                              "attention.output.dense"),
-                     "attn_norm": "attention.output.LayerNorm", "up": "intermediate.dense", "down": "output.dense",
-                     "ffn_norm": "output.LayerNorm"}, pre_norm=False, activation="hidden_act"),
-    "bart": _Layout({"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-                     "attn_norm": "self_attn_layer_norm",
-                     "cross": ("encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj",
-                               "encoder_attn.out_proj"),
-                     "cross_norm": "encoder_attn_layer_norm", "up": "fc1", "down": "fc2",
-                     "ffn_norm": "final_layer_norm"}, pre_norm=False, activation="activation_function"),
-    "gpt2": _Layout({"attn": ("attn.c_attn", "attn.c_proj"), "attn_norm": "ln_1", "up": "mlp.c_fc",
-                     "down": "mlp.c_proj", "ffn_norm": "ln_2"}, pre_norm=True, activation="activation_function"),
-    "llama": _Layout({"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-                      "attn_norm": "input_layernorm", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-                      "down": "mlp.down_proj", "ffn_norm": "post_attention_layernorm"},
-                     pre_norm=True, activation="hidden_act", position="rotary"),
-    # FF: T5's feed-forward sublayer is the block's last one (layer.1 in the encoder, layer.2 in the decoder).
-    "t5": _Layout({"attn": ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
-                            "layer.0.SelfAttention.o"), "attn_norm": "layer.0.layer_norm",
-                   "cross": ("layer.1.EncDecAttention.q", "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v",
-                             "layer.1.EncDecAttention.o"), "cross_norm": "layer.1.layer_norm",
-                   "up": "FF.DenseReluDense.wi", "down": "FF.DenseReluDense.wo", "ffn_norm": "FF.layer_norm"},
-                  pre_norm=True, activation="dense_act_fn", scaled=False, position="relative-bias"),
-}
-
-
-def _layout_name(layer: nn.Module) -> str:
-    names = dict(layer.named_modules())
-    if "layer.0.SelfAttention" in names:
-        return "t5"
-    if "attention.self.query" in names:
-        return "bert"
-    if "attn.c_attn" in names:
-        return "gpt2"
-    if "mlp.gate_proj" in names and "self_attn.q_proj" in names:
-        return "llama"
-    if "fc1" in names and "self_attn.q_proj" in names and type(layer).__name__.startswith("Bart"):
-        return "bart"
-    raise UnsupportedModelError(
-        f"lst builds its side blocks from BERT/RoBERTa, T5/mT5, BART, GPT-2 and Llama/Qwen2/Mistral layers; "
-        f"{type(layer).__name__} is none of these"
-    )
-
-
-def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight as [out, in], bias) of an nn.Linear or of transformers' Conv1D (GPT-2 stores [in, out])."""
-    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
-    return weight, module.bias
-
-
-def _read_layer(layer: nn.Module, layout: _Layout) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
-    """A backbone layer's weights under the side block's parameter names, at full size, and its norm modules."""
-    paths = dict(layout.paths)
-    if "FF" in str(paths["up"]):  # T5: the last sublayer; gated FFN (T5 v1.1, mT5) has wi_0 (activated) and wi_1
-        ff = f"layer.{len(layer.layer) - 1}"
-        paths = {role: path.replace("FF", ff) if isinstance(path, str) else path for role, path in paths.items()}
-        if hasattr(layer.get_submodule(f"{ff}.DenseReluDense"), "wi_0"):
-            paths["gate"], paths["up"] = f"{ff}.DenseReluDense.wi_0", f"{ff}.DenseReluDense.wi_1"
-    modules = dict(layer.named_modules())
-    if "cross" in paths and paths["cross"][0] not in modules:  # an encoder block: no cross-attention
-        del paths["cross"], paths["cross_norm"]
-    full: dict[str, torch.Tensor] = {}
-    norms: dict[str, nn.Module] = {}
-    for role, path in paths.items():
-        if isinstance(path, tuple):  # an attention: q, k, v, o (or GPT-2's fused qkv and o)
-            linears = [_linear(modules[p]) for p in path]
-            if len(linears) == 2:  # GPT-2: c_attn holds q, k and v stacked on its output axis
-                (qkv, qkv_bias), out = linears
-                linears = [(w, b) for w, b in zip(qkv.chunk(3), qkv_bias.chunk(3), strict=True)] + [out]
-            for name, (weight, bias) in zip("qkvo", linears, strict=True):
-                full[f"{role}.{name}.weight"] = weight
-                if bias is not None:
-                    full[f"{role}.{name}.bias"] = bias
-        elif role.endswith("norm"):
-            norms[role] = modules[path]
-            full[f"{role}.weight"] = modules[path].weight
-            if getattr(modules[path], "bias", None) is not None:
-                full[f"{role}.bias"] = modules[path].bias
-        else:
-            weight, bias = _linear(modules[path])
-            full[f"{role}.weight"] = weight
-            if bias is not None:
-                full[f"{role}.bias"] = bias
-    return {name: t.detach().float() for name, t in full.items()}, norms
-
-
-# ------------------------------------------------------------------ structured magnitude pruning
-def _top(importance: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries, in increasing order (ties: the lower index)."""
-    return torch.argsort(importance, descending=True, stable=True)[:k].sort().values
-
-
-def _top_rotary(importance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head offsets for rotary q / k: k // 2 whole pairs (j, j + head_dim / 2), laid out as [firsts, seconds]
-    so that the side head rotates them as the backbone does; an odd k adds one unrotated offset at the end.
-    Returns the offsets and the kept pair indices (which select the rotary frequencies)."""
-    half = importance.numel() // 2
-    pairs = _top(importance[:half] + importance[half:2 * half], k // 2)
-    offsets = torch.cat((pairs, pairs + half))
-    if k % 2:
-        rest = importance.clone()
-        rest[offsets] = -torch.inf
-        offsets = torch.cat((offsets, rest.argmax().view(1)))
-    return offsets, pairs
-
-
-def _hidden_importance(full: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per hidden dim: L1 of its columns in the weights that read the residual stream, rows in those that write it."""
-    readers = ("attn.q", "attn.k", "attn.v", "cross.q", "up", "gate")
-    writers = ("attn.o", "cross.o", "down")
-    total = sum(full[f"{m}.weight"].abs().sum(0) for m in readers if f"{m}.weight" in full)
-    return total + sum(full[f"{m}.weight"].abs().sum(1) for m in writers if f"{m}.weight" in full)
-
-
-def _heads(full: dict[str, torch.Tensor], role: str, heads: int) -> tuple[int, int]:
-    """(head_dim, kv_heads) of an attention, from its q and k weights."""
-    head_dim = full[f"{role}.q.weight"].shape[0] // heads
-    return head_dim, full[f"{role}.k.weight"].shape[0] // head_dim
-
-
-def _rows(offsets: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """The same offsets inside each of `heads` consecutive heads of size head_dim."""
-    return (torch.arange(heads)[:, None] * head_dim + offsets[None, :]).reshape(-1)
-
-
-def _select(tensor: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
-    for axis, kept in enumerate(index):
-        tensor = tensor.index_select(axis, kept)
-    return tensor.clone()
-
-
-@dataclass
-class _Pruned:
-    """One side block's initial weights (side parameter name -> tensor) and how they were cut."""
-
-    state: dict[str, torch.Tensor]
-    kept: dict[str, torch.Tensor]  # "hidden", "memory", "ffn", "attn.qk", "attn.vo", "cross.qk", "cross.vo"
-    rotary_pairs: torch.Tensor | None = None
-
-
-def _prune_layer(full: dict[str, torch.Tensor], hidden: torch.Tensor, memory: torch.Tensor | None, heads: int,
-                 r: int, rotary: bool) -> _Pruned:
-    kept = {"hidden": hidden}
-    index: dict[str, tuple[torch.Tensor, ...]] = {}
-    rotary_pairs = None
-    for role in ("attn", "cross"):
-        if f"{role}.q.weight" not in full:
-            continue
-        head_dim, kv_heads = _heads(full, role, heads)
-        q, k, v, o = (full[f"{role}.{n}.weight"].abs() for n in "qkvo")
-        qk = q.sum(1).view(heads, head_dim).sum(0) + k.sum(1).view(kv_heads, head_dim).sum(0)
-        vo = v.sum(1).view(kv_heads, head_dim).sum(0) + o.sum(0).view(heads, head_dim).sum(0)
-        if rotary and role == "attn":
-            kept[f"{role}.qk"], rotary_pairs = _top_rotary(qk, head_dim // r)
-        else:
-            kept[f"{role}.qk"] = _top(qk, head_dim // r)
-        kept[f"{role}.vo"] = _top(vo, head_dim // r)
-        source = hidden if role == "attn" else memory
-        index[f"{role}.q"] = (_rows(kept[f"{role}.qk"], heads, head_dim), hidden)
-        index[f"{role}.k"] = (_rows(kept[f"{role}.qk"], kv_heads, head_dim), source)
-        index[f"{role}.v"] = (_rows(kept[f"{role}.vo"], kv_heads, head_dim), source)
-        index[f"{role}.o"] = (hidden, _rows(kept[f"{role}.vo"], heads, head_dim))
-        index[f"{role}_norm"] = (hidden,)
-    if memory is not None:
-        kept["memory"] = memory
-    up = full["up.weight"].abs()
-    ffn = up.sum(1) + full["down.weight"].abs().sum(0)
-    if "gate.weight" in full:
-        ffn = ffn + full["gate.weight"].abs().sum(1)
-    kept["ffn"] = _top(ffn, max(1, up.shape[0] // r))
-    index.update(up=(kept["ffn"], hidden), gate=(kept["ffn"], hidden), down=(hidden, kept["ffn"]), ffn_norm=(hidden,))
-
-    state = {}
-    for name, tensor in full.items():
-        module, _, kind = name.rpartition(".")
-        axes = index[module] if kind == "weight" else index[module][:1]  # a bias lies along the output axis
-        state[name] = _select(tensor, *axes)
-    return _Pruned(state, kept, rotary_pairs)
-
-
-# ------------------------------------------------------------------ the side network
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
-def _norm_like(template: nn.Module, width: int) -> nn.Module:
-    """A fresh norm of the backbone norm's kind (LayerNorm, else RMSNorm) and epsilon, at the side width."""
-    if isinstance(template, nn.LayerNorm):
-        return nn.LayerNorm(width, eps=template.eps, bias=template.bias is not None)
-    eps = getattr(template, "variance_epsilon", None) or getattr(template, "eps", None) or 1e-6
-    return nn.RMSNorm(width, eps=eps)
 
 
 class SideAttention(nn.Module):
@@ -319,7 +119,7 @@ class SideAttention(nn.Module):
 class SideBlock(nn.Module):
     """One side transformer block, computing as the backbone block it was pruned from (see the module doc)."""
 
-    def __init__(self, pruned: _Pruned, norms: dict[str, nn.Module], layout: _Layout, activation: str, heads: int,
+    def __init__(self, pruned: Pruned, norms: dict[str, nn.Module], layout: Layout, activation: str, heads: int,
                  dropout: float, rotary: tuple[torch.Tensor, float] | None = None):
         super().__init__()
         state = pruned.state
@@ -327,17 +127,17 @@ class SideBlock(nn.Module):
         self.pre_norm = layout.pre_norm
         for role in ("attn", "cross"):
             if f"{role}.q.weight" in state:
-                linears = [_linear_from(state[f"{role}.{n}.weight"], state.get(f"{role}.{n}.bias")) for n in "qkvo"]
+                linears = [linear_from(state[f"{role}.{n}.weight"], state.get(f"{role}.{n}.bias")) for n in "qkvo"]
                 freq = rotary[0][pruned.rotary_pairs] if rotary is not None and role == "attn" else None
                 setattr(self, role, SideAttention(*linears, heads=heads, scaled=layout.scaled, dropout=dropout,
                                                   rotary_freq=freq, rotary_scaling=rotary[1] if rotary else 1.0))
         self.has_cross = hasattr(self, "cross")
-        self.gate = _linear_from(state["gate.weight"], state.get("gate.bias")) if "gate.weight" in state else None
-        self.up = _linear_from(state["up.weight"], state.get("up.bias"))
-        self.down = _linear_from(state["down.weight"], state.get("down.bias"))
+        self.gate = linear_from(state["gate.weight"], state.get("gate.bias")) if "gate.weight" in state else None
+        self.up = linear_from(state["up.weight"], state.get("up.bias"))
+        self.down = linear_from(state["down.weight"], state.get("down.bias"))
         width = self.up.in_features
         for role, template in norms.items():
-            norm = _norm_like(template, width)
+            norm = norm_like(template, width)
             with torch.no_grad():
                 norm.weight.copy_(state[f"{role}.weight"])
                 if getattr(norm, "bias", None) is not None:
@@ -370,10 +170,10 @@ class LadderSideNetwork(nn.Module):
         super().__init__()
         r = options["reduction_factor"]
         d, width = stack.hidden_size, stack.hidden_size // r
-        layout = _LAYOUTS[_layout_name(stack.layers[0])]
+        layout = LAYOUTS[layout_name(stack.layers[0])]
         self.position = layout.position
-        layers = [_read_layer(layer, layout) for layer in stack.layers]
-        self.hidden_index = _top(sum(_hidden_importance(full) for full, _ in layers), width)
+        layers = [read_layer(layer, layout) for layer in stack.layers]
+        self.hidden_index = top_k_indices(sum(hidden_importance(full) for full, _ in layers), width)
         self.temperature = options["gate_temperature"]
         heads = getattr(config, "decoder_attention_heads", None) if stack.name == "decoder" else None
         heads = heads or config.num_attention_heads
@@ -384,7 +184,7 @@ class LadderSideNetwork(nn.Module):
                 raise UnsupportedModelError(f"lst: {type(stack.module).__name__} has no rotary_emb.inv_freq to follow")
             rotary = (rotary_emb.inv_freq.detach().float().cpu(), float(getattr(rotary_emb, "attention_scaling", 1.0)))
         self.blocks = nn.ModuleList(
-            SideBlock(_prune_layer(full, self.hidden_index, memory_hidden, heads, r, rotary is not None), norms, layout,
+            SideBlock(prune_layer(full, self.hidden_index, memory_hidden, heads, r, rotary is not None), norms, layout,
                       getattr(config, layout.activation), heads, options["dropout"], rotary)
             for full, norms in layers
         )
@@ -395,7 +195,7 @@ class LadderSideNetwork(nn.Module):
                 down.weight[torch.arange(width), self.hidden_index] = 1.0
                 down.bias.zero_()
         self.gate_alpha = nn.Parameter(torch.full((stack.num_layers,), float(options["gate_init"])))
-        self.final_norm = _norm_like(layers[0][1]["attn_norm"], width) if layout.pre_norm else None
+        self.final_norm = norm_like(layers[0][1]["attn_norm"], width) if layout.pre_norm else None
         self.upsample = nn.Linear(width, d) if upsample else None
         if self.upsample is not None:
             nn.init.zeros_(self.upsample.weight)
@@ -425,7 +225,7 @@ class _Capture:
         self.states: list[torch.Tensor] = []
 
 
-def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean keep-mask as an additive one: 0 or the dtype's minimum (finite: fully masked rows stay finite)."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
@@ -545,7 +345,7 @@ class LSTModel(FrozenBackboneWrapper):
             keep = keep & padding[:, None, None, :]
         if is_decoder:
             keep = keep & torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        mask = _additive_mask(keep, dtype)
+        mask = additive_mask(keep, dtype)
 
         position_bias = position_ids = None
         if network.position == "rotary":
@@ -567,7 +367,7 @@ class LSTModel(FrozenBackboneWrapper):
                 raise RuntimeError(f"LST encoder states have batch {memory.shape[0]}, the decoder has {batch}")
             encoder_padding = self._mask_2d(kwargs, "encoder_attention_mask", "attention_mask", memory.shape[:2])
             if encoder_padding is not None:
-                memory_mask = _additive_mask(encoder_padding[:, None, None, :], dtype)
+                memory_mask = additive_mask(encoder_padding[:, None, None, :], dtype)
 
         side = network(capture.embeddings, capture.states, mask, position_bias, position_ids, memory, memory_mask)
 
