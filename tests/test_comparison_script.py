@@ -1,0 +1,57 @@
+"""benchmarks/comparison.py end to end on a few real SST-2 rows: every phase's matrices run (fresh process per
+cell), the sweep picks a rate by selection score, and the report holds one record per run in the documented
+schema, the table and the plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_GLUE_DIR, needs_real_glue
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "comparison.py"
+FIELDS = {"task", "method", "seed", "train_rows", "score", "selection_score", "train_cpu_seconds", "peak_memory_mb",
+          "trainable_parameters"}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("comparison_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_rate_is_chosen_by_selection_score_not_dev():
+    script = _script()
+    sweep = [{"method": "read", "learning_rate": 1e-3, "selection_score": 80.0, "score": 10.0},
+             {"method": "read", "learning_rate": 3e-3, "selection_score": 70.0, "score": 99.0}]
+    assert script.choose_learning_rates(sweep) == {"read": 1e-3}
+
+
+@pytest.mark.slow
+@needs_real_glue
+def test_smoke_run_writes_every_record_and_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("READAPT_GLUE_DIR", str(REAL_GLUE_DIR))
+    monkeypatch.setenv("READAPT_CACHE_DIR", str(tmp_path / "cache"))
+    script = _script()
+    out = tmp_path / "report"
+    assert script.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--no-progress"]) == 0
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    sweep = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert len(sweep) == 3 and len(curve) == 4  # read at two rates and bitfit at one; 2 sizes x 2 methods
+    assert {(r["phase"], r["method"]) for r in runs} == {(p, m) for p in ("small", "full") for m in ("read", "bitfit")}
+    for record in runs + sweep + curve:
+        assert set(record) >= FIELDS
+        assert 0 <= record["score"] <= 100 and record["train_rows"] > 0 and record["trainable_parameters"] > 0
+    chosen = {r["learning_rate"] for r in runs if r["method"] == "read"}
+    best = max((r for r in sweep if r["method"] == "read"), key=lambda r: r["selection_score"])
+    assert chosen == {best["learning_rate"]}
+    assert {r["train_rows"] for r in curve} == {10, 20}
+    table = (out / "table.md").read_text()
+    assert "| read |" in table and "| bitfit |" in table
+    for name in ("learning_curve.png", "pareto_cpu.png", "pareto_memory.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
