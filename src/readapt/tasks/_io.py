@@ -45,6 +45,8 @@ def read_raw_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield line_number, _decode(raw_line, path, line_number)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise DataError(f"{path}: not a valid gzip file ({error})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a file") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from None
 

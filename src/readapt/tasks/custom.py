@@ -123,9 +123,11 @@ def _file_format(path: Path) -> str:
 
 
 def _read_rows(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[_Row]:
+    if path.is_dir():  # before the extension check: a folder has none, and "unsupported file type" misleads
+        raise DataError(f"{path}: is a directory, not a file; expected a .csv, .tsv or .jsonl file (optionally .gz)")
     file_format = _file_format(path)
     if not path.is_file():
-        raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
+        raise DataError(f"{path}: file not found")
     if file_format == ".jsonl":
         rows = list(_read_jsonl(path, text_columns, label_column))
     else:
@@ -138,6 +140,12 @@ def _read_rows(path: Path, text_columns: tuple[str, ...], label_column: str) -> 
                 f"{path}, line {row.line_number}, column {label_column!r}: the label is empty; "
                 "expected a class name or a number"
             )
+        for column, text in zip(text_columns, row.texts, strict=True):
+            if not text.strip():  # the model would learn this label from [CLS] [SEP] alone
+                raise DataError(
+                    f"{path}, line {row.line_number}, column {column!r}: the text is empty; "
+                    "fill it in or remove the row"
+                )
     return rows
 
 
