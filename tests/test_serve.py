@@ -466,3 +466,4 @@ def test_default_backbone_serves_what_predictor_gives(tmp_path):
         assert response.status_code == 200, response.text
         assert_same_predictions(response.json()["predictions"],
                                 reference(reference_predictor, body["inputs"], ["sst2", "stsb"]))
+

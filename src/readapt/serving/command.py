@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 
 import uvicorn
@@ -106,7 +107,10 @@ def serve_command(args: argparse.Namespace) -> int:
     sock = listening_socket(args.host, args.port)
     try:
         if not args.debug:
+            from transformers.utils import logging as transformers_logging
+
             logging.getLogger("transformers").setLevel(logging.ERROR)
+            transformers_logging.disable_progress_bar()  # "Loading weights" bars do not belong in a server log
         predictor = Predictor(args.adapter, model=args.model, names=args.name or None, cpu=args.cpu)
         app = create_app(predictor, settings)
         host, port = sock.getsockname()[:2]
@@ -145,6 +149,9 @@ def _exit_quietly_after_signals():
     """uvicorn shuts down gracefully on SIGTERM / SIGINT, then re-raises the signal to the handler it found;
     the one installed here ignores that second delivery, so the command returns status 0 instead of dying by
     the signal."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
