@@ -22,6 +22,10 @@ H0_MODES = ("zeros", "embeddings")
 # were available to measure it on.
 SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled", "segments")
 STACK_NAMES = ("encoder", "decoder")
+# token_mixer_layers=None ("auto") on an encoder-only backbone (ReadConfig.resolved_for); 0 elsewhere: decoder-only
+# stacks keep KV-cache generation, and no T5 weights were available to measure it on
+# (docs/results/side-network-search/: all-MiniLM-L6-v2, GLUE).
+AUTO_TOKEN_MIXER_LAYERS = 0  # TEMPORARY while the token mixer is being wired in (issue 19)
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -74,6 +78,24 @@ class ReadConfig:
                 "[CLS] alone); mean = the mean of the tokens' RNN summaries; none = its own states only; auto = "
                 "segments on encoders (pooled without a separator token), none elsewhere",
         "choices": SEQUENCE_CONTEXTS})
+    # The token mixer: READ's per-token summaries (after the layer recurrence and the sequence context) go through
+    # pre-norm transformer encoder layers over the tokens in the side width r (torch's nn.TransformerEncoderLayer:
+    # attention over the sequence's real tokens, padding masked; causal on a decoder-only stack, so nothing leaks
+    # from later tokens), then a LayerNorm, then the zero-initialised up-projection. Every token's correction (and
+    # [CLS]'s, which a BERT-style head reads) then depends on every token's states, so the [CLS]-only shortcut
+    # and the [CLS]-only feature-cache path are off: the side network runs on every token, and the cache replays
+    # every token's layer states. Its weights do not depend on the backbone's depth. Not on the decoder of an
+    # encoder-decoder model (its encoder stack may have one).
+    token_mixer_layers: int | None = field(default=None, metadata={
+        "help": "transformer encoder layers that mix the tokens' side-network summaries (attention over the real "
+                "tokens in width hidden_size, after the layer recurrence; causal on decoder-only stacks); 0: none; "
+                f"None: auto = {AUTO_TOKEN_MIXER_LAYERS} on encoder-only backbones, 0 elsewhere"})
+    token_mixer_heads: int = field(default=4, metadata={
+        "help": "attention heads of the token mixer (they must divide hidden_size)"})
+    token_mixer_ffn_multiple: int = field(default=2, metadata={
+        "help": "the token mixer's feed-forward width, as a multiple of hidden_size"})
+    token_mixer_dropout: float = field(default=0.1, metadata={
+        "help": "dropout inside the token mixer's layers (attention weights, feed-forward, residual branches)"})
     separator_token_id: int | None = field(default=None, metadata={
         "help": "the token that ends the first text ('segments' context); default: the backbone config's "
                 "sep_token_id (readapt's loader sets it from the tokenizer)"})
@@ -103,10 +125,21 @@ class ReadConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("h0", self.h0, H0_MODES)
         _choice("sequence_context", self.sequence_context, SEQUENCE_CONTEXTS)
-        for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens"):
+        for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens", "token_mixer_heads",
+                     "token_mixer_ffn_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")
+        layers = self.token_mixer_layers
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise ConfigError(f"ReadConfig.token_mixer_layers={layers!r} is invalid; it must be an integer >= 0 "
+                              "(0: no token mixer) or None (auto)")
+        if layers and self.hidden_size % self.token_mixer_heads:
+            raise ConfigError(f"ReadConfig.token_mixer_heads={self.token_mixer_heads} does not divide hidden_size="
+                              f"{self.hidden_size}: every attention head needs an equal share of the width")
+        value = self.token_mixer_dropout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"ReadConfig.token_mixer_dropout={value!r} is invalid; it must be a number in [0, 1)")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
             raise ConfigError(f"ReadConfig.scaling={self.scaling!r} is invalid; it must be a finite number")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -136,11 +169,21 @@ class ReadConfig:
                 raise ConfigError("ReadConfig.head_modules must be a list of module names or None")
             self.head_modules = list(self.head_modules)
 
+    @property
+    def mixes_tokens(self) -> bool:
+        """Whether one token's correction depends on other tokens' RNN summaries (the "mean" context, a token
+        mixer): the side network must then run on every token, never on [CLS] (or any position) alone."""
+        return self.sequence_context == "mean" or bool(self.token_mixer_layers)
+
     def resolved_for(self, family: str, separator_token_id: int | None = None) -> ReadConfig:
-        """This config with sequence_context="auto" replaced by what it means for a backbone `family`
-        (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and, for "segments", the separator
-        filled in from `separator_token_id` (the backbone's) when not set; saved adapters hold the result."""
+        """This config with sequence_context="auto" and token_mixer_layers=None replaced by what they mean for a
+        backbone `family` (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and, for
+        "segments", the separator filled in from `separator_token_id` (the backbone's) when not set; saved adapters
+        hold the result."""
         config = self
+        if config.token_mixer_layers is None:
+            layers = AUTO_TOKEN_MIXER_LAYERS if family == "encoder-only" else 0
+            config = dataclasses.replace(config, token_mixer_layers=layers)
         if config.separator_token_id is None and separator_token_id is not None:
             config = dataclasses.replace(config, separator_token_id=separator_token_id)
         if config.sequence_context == "auto":
@@ -162,9 +205,12 @@ class ReadConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReadConfig:
         data = dict(data)
+        saved = "method" in data  # to_dict's output (a saved adapter), not options given by a user
         method = data.pop("method", "read")
         if method != "read":
             raise ConfigError(f"adapter method {method!r} is not READ; load it with the matching method")
+        if saved and "token_mixer_layers" not in data:
+            data["token_mixer_layers"] = 0  # saved before the token mixer existed: that adapter has none
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

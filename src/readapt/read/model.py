@@ -142,7 +142,7 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         # Sequence context (ReadConfig.sequence_context): encoder stacks, and decoder-only stacks as a running mean;
         # the decoder of an encoder-decoder model goes without.
         causal = self.info.family == DECODER_ONLY
-        decoder_config = config if causal else dataclasses.replace(config, sequence_context="none")
+        decoder_config = config if causal else dataclasses.replace(config, sequence_context="none", token_mixer_layers=0)
         read = nn.ModuleDict({
             stack.name: ReadSideNetwork(stack.hidden_size, decoder_config if stack.name == "decoder" else config,
                                         encoder_dim if stack.name == "decoder" else None, causal=causal,
@@ -177,9 +177,9 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         side_network = self.read[stack.name]
         states, embeddings, pooled = capture.states, capture.embeddings, capture.pooled
         token_mask = None
-        if side_network.sequence_context != "none":
+        if side_network.sequence_context != "none" or side_network.token_mixer is not None:
             if side_network.causal and earlier_tokens_cached(kwargs, final.shape[1]):
-                raise ConfigError("this READ adapter's sequence context (a running mean over the tokens) needs every "
+                raise ConfigError("this READ adapter's sequence context or token mixer (over the tokens) needs every "
                                   "earlier token in the same forward pass: call without a KV cache (use_cache=False)")
             token_mask = self._token_mask(kwargs, final)
         positions = self._positions
@@ -353,8 +353,9 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
     def generate(self, *args, **kwargs):
         if not (hasattr(self.backbone, "can_generate") and self.backbone.can_generate()):
             raise ConfigError(f"{self.info.architecture} cannot generate; generate() needs a seq2seq or causal LM backbone")
-        if self.info.family == DECODER_ONLY and self.read_config.sequence_context != "none":
-            # a running mean over the sequence needs every earlier token's summary at each step: recompute
+        if self.info.family == DECODER_ONLY and (self.read_config.sequence_context != "none"
+                                                 or self.read_config.token_mixer_layers):
+            # a running mean (a token mixer) over the sequence needs every earlier token at each step: recompute
             kwargs["use_cache"] = False
         return self.backbone.generate(*args, **kwargs)
 

@@ -29,14 +29,15 @@ class SharedPass:
         rows), at a fraction of the side networks' cost: on all-MiniLM-L6-v2 with r = 256 the side network
         costs a fifth to a third of a backbone pass when it runs over every token (benchmarks/predict.py). With the
         "pooled" and "segments" sequence contexts the pooled states are still taken over every real token. Not with the "mean"
-        context (every position's correction needs every token's RNN summary). Single-stack (encoder-only / decoder-only) models
-        only: a decoder side network attends over every corrected encoder position."""
+        context or a token mixer (every position's correction needs every token's RNN summary). Single-stack (encoder-only /
+        decoder-only) models only: a decoder side network attends over every corrected encoder position."""
         if len(self.adapted_stacks) != 1:
             raise ConfigError("correcting_positions works on single-stack (encoder-only / decoder-only) models only")
-        with_context = sorted(name for name, config in self.adapter_configs.items() if config.sequence_context == "mean")
+        with_context = sorted(name for name, config in self.adapter_configs.items() if config.mixes_tokens)
         if with_context:
             raise ConfigError(f"correcting_positions: adapter(s) {', '.join(with_context)} use the 'mean' sequence "
-                              "context, so every position's correction depends on every token's RNN summary")
+                              "context or a token mixer, so every position's correction depends on every token's RNN "
+                              "summary")
         if not isinstance(positions, slice):
             raise ConfigError(f"positions must be a slice, got {type(positions).__name__}")
         previous, self._positions = self._positions, positions
@@ -47,9 +48,10 @@ class SharedPass:
 
     @torch.no_grad()
     def head_reads_only(self, positions: slice, **inputs) -> bool:
-        """Whether the logits of `self(**inputs)` depend on the stack's final state at `positions` only: the
-        state everywhere else is replaced with noise, and the logits must stay exactly the same."""
-        if len(self.adapted_stacks) != 1:
+        """Whether the logits of `self(**inputs)` depend on the stack's final state at `positions` only (the state
+        everywhere else is replaced with noise, and the logits must stay exactly the same), so that the active
+        adapter's side networks may correct those positions alone: never when it mixes tokens (ReadConfig.mixes_tokens)."""
+        if len(self.adapted_stacks) != 1 or self.read_config.mixes_tokens:
             return False
 
         def scramble(module, args, output):

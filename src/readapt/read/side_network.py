@@ -17,6 +17,8 @@ Shapes: N layers, B batch, T tokens, d backbone width, r = config.hidden_size.
       (or, "segments", before the RNN: every token's input at layer i gets W_c [m_i; a_i*b_i; |a_i-b_i|],
          m_i, a_i, b_i the RMS-normalised means of layer i's states over all real tokens, the first
          text's and the second text's (zero for one text): the RNN sees how the two texts compare)
+      -> optional token mixer (ReadConfig.token_mixer_layers): pre-norm transformer encoder layers over the
+         tokens' summaries, attention over the real tokens (causal stacks: the earlier ones), then LayerNorm (B, T, r)
       -> up-projection r -> d, zero-initialised, times `scaling` = δφ   (B, T, d)
 
 "pooled" lets a head that reads one position (BERT's [CLS]) run the RNN on that position plus one pooled
@@ -123,6 +125,37 @@ class EncoderContext(nn.Module):
         return F.scaled_dot_product_attention(self.query(queries), key, value, attn_mask=mask)
 
 
+class TokenMixer(nn.Module):
+    """Pre-norm transformer encoder layers (torch's own) over the tokens' side-network summaries in width r, then a
+    LayerNorm: what lets READ's correction of one token (BERT's [CLS]) read the others' frozen states. Padding keys
+    are masked; a causal stack's tokens attend to themselves and earlier tokens only. Every position also attends
+    to itself, so a padding query (left padding, causal) never has an empty row (NaN) that could reach the rest."""
+
+    def __init__(self, width: int, config: ReadConfig, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.heads = config.token_mixer_heads
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, config.token_mixer_heads, config.token_mixer_ffn_multiple * width,
+                                       config.token_mixer_dropout, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(config.token_mixer_layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        # x (B, T, r); token_mask (B, T), 1 = real token, None: every position is real
+        batch, tokens, _ = x.shape
+        allowed = torch.ones(batch, tokens, tokens, dtype=torch.bool, device=x.device)
+        if token_mask is not None:
+            allowed &= token_mask.to(device=x.device, dtype=torch.bool)[:, None, :]
+        if self.causal:
+            allowed &= torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
+        allowed |= torch.eye(tokens, dtype=torch.bool, device=x.device)
+        blocked = (~allowed).repeat_interleave(self.heads, dim=0)  # (B * heads, T, T), True = may not attend
+        for layer in self.layers:
+            x = layer(x, src_mask=blocked)
+        return self.norm(x)
+
+
 class ReadSideNetwork(nn.Module):
     def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False,
                  num_layers: int | None = None):
@@ -162,6 +195,9 @@ class ReadSideNetwork(nn.Module):
             rnn_input, r, num_layers=config.num_rnn_layers,
             dropout=config.dropout if config.num_rnn_layers > 1 else 0.0, **extra,
         )
+        # None ("auto", unresolved: a side network built without ReadModel) means none, as an unresolved "auto"
+        # sequence context does
+        self.token_mixer = TokenMixer(r, config, causal) if config.token_mixer_layers else None
         self.dropout = nn.Dropout(config.dropout)
         self.up_projection = nn.Linear(r, model_dim)
         nn.init.zeros_(self.up_projection.weight)
@@ -177,7 +213,8 @@ class ReadSideNetwork(nn.Module):
         pooled_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return δφ (B, T, d). `layer_states` (N, B, T, d) is normalised in place (consumed). `token_mask`
-        (B, T), 1 = real token, is what sequence context averages over (None: every position is real).
+        (B, T), 1 = real token, is what sequence context averages over and what the token mixer attends to (None:
+        every position is real).
         `pooled_states` ("pooled" context; consumed too): `pool_states` of the whole sequence, for a caller that
         passes the states of some positions only (a head that reads [CLS]; the feature cache); else computed here.
         "segments" needs `pooled_states` (N, B, 3, d) from `pool_states(..., second_text=...)`: only the caller has
@@ -197,6 +234,7 @@ class ReadSideNetwork(nn.Module):
         rms_normalize_(layer_states, self.eps)
         if embeddings is not None and self.h0_projection is not None:
             embeddings = rms_normalize_(embeddings, self.eps)
+        mixer_mask = token_mask if self.token_mixer is not None else None
         if self.sequence_context != "mean":
             token_mask = None
         elif token_mask is None:
@@ -207,7 +245,8 @@ class ReadSideNetwork(nn.Module):
         # Recomputation bounds the activations alive at once to one chunk; a batch within one chunk (e.g. [CLS]
         # alone) keeps them at that bound anyway, so it would only run the RNN twice.
         if not (self.recompute and self.training and torch.is_grad_enabled()) or sequences <= self.chunk_tokens:
-            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states)
+            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states,
+                                    mixer_mask)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
         # the chunk, whatever the batch size.
@@ -218,12 +257,12 @@ class ReadSideNetwork(nn.Module):
             deltas.append(checkpoint(
                 self._correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
                 _rows(encoder_mask, part), _rows(token_mask, part),
-                None if pooled_states is None else pooled_states[:, part], use_reentrant=False,
+                None if pooled_states is None else pooled_states[:, part], _rows(mixer_mask, part), use_reentrant=False,
             ))
         return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
 
     def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None,
-                    pooled_states=None) -> torch.Tensor:
+                    pooled_states=None, mixer_mask=None) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape
         x = layer_states.view(n_layers, batch * tokens, model_dim)
         segments = None
@@ -267,5 +306,7 @@ class ReadSideNetwork(nn.Module):
             else:
                 context = (per_token * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
             summary = (per_token + context).view(batch * tokens, -1)
+        if self.token_mixer is not None:  # every token's summary reads the others' (mixer_mask: the real tokens)
+            summary = self.token_mixer(summary.view(batch, tokens, -1), mixer_mask).reshape(batch * tokens, -1)
         delta = self.up_projection(self.dropout(summary)) * self.scaling
         return delta.view(batch, tokens, model_dim)
