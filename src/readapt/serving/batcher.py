@@ -95,7 +95,7 @@ class DynamicBatcher:
         job = _Job(item, rows, asyncio.get_running_loop().create_future())
         self._waiting.append(job)
         self._arrival.set()
-        return await job.future  # a client that goes away cancels it; the batch then skips the job
+        return await job.future  # if the awaiting task is cancelled, the batch skips the job
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
