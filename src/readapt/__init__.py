@@ -8,10 +8,22 @@ from readapt.errors import (
     UnsupportedModelError,
 )
 from readapt.read.config import ReadConfig
-from readapt.read.model import ReadModel, get_read_model
 from readapt.version import __version__
 
+# The model classes import transformers and peft (seconds): loaded when first used, so that `readapt --help` and
+# what needs only the configs and errors start fast.
+_LAZY = {"AutoReadModel": "readapt.read.auto", "ReadModel": "readapt.read.model", "get_read_model": "readapt.read.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'readapt' has no attribute {name!r}")
+
 __all__ = [
+    "AutoReadModel",
     "ConfigError",
     "DataError",
     "IncompatibleAdapterError",

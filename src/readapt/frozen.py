@@ -3,8 +3,12 @@ hooks that let a low-precision backbone feed float32 modules (READ's side networ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+
+from readapt.errors import ConfigError
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -48,17 +52,38 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 
+class NotForwardedError(ConfigError, AttributeError):
+    """A name the wrapper does not hand to its backbone. An AttributeError too, so that hasattr() says False."""
+
+
+@functools.cache
+def _peft_integration_names() -> frozenset[str]:
+    """The public names of transformers' PEFT integration (PeftAdapterMixin) that every backbone carries."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    return frozenset(name for name in dir(PeftAdapterMixin) if not name.startswith("_"))
+
+
 class FrozenBackboneWrapper(nn.Module):
     """What READ and LST share as wrappers of a frozen backbone: unknown attributes go to the backbone (config,
     get_encoder, generation helpers), and `unload()` removes the hooks and stack-forward wrappers that the
-    subclass registered in `_hooks` / `_wrapped`, returning the untouched backbone."""
+    subclass registered in `_hooks` / `_wrapped`, returning the untouched backbone.
+
+    Except transformers' PEFT integration (add_adapter, load_adapter, disable_adapters, ...): on the backbone it
+    would put PEFT's adapters inside the frozen model, or report on adapters it does not have. A wrapper that
+    defines such a name itself (ReadModel) answers it; any other one is a NotForwardedError."""
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # not a further base's __getattr__ (PeftModel's forwards too)
         except AttributeError:
             if name == "backbone":
                 raise
+            if name in _peft_integration_names():
+                raise NotForwardedError(
+                    f"{type(self).__name__}.{name} is part of transformers' PEFT integration, which would act on the "
+                    f"frozen backbone inside; {type(self).__name__} keeps its adapters beside it "
+                    "(docs/huggingface.md lists what it offers)") from None
             return getattr(self.backbone, name)
 
     def unload(self) -> nn.Module:

@@ -8,9 +8,23 @@
     adapters.py      named adapters (load / set / delete) and their task heads
     shared_pass.py   several adapters, one frozen pass; correcting one position only
     cache/           the feature cache: frozen states stored once, replayed every epoch
+    peft_surface.py  PEFT's names (disable_adapter, add_adapter, save_pretrained's layout, ...) for READ
+    precision.py     dtype / device moves: the backbone takes a cast, what READ trains stays float32
+    sources.py       what an adapter records about its backbone's origin; a hand-loaded backbone's separator
+    auto.py          AutoReadModel: a READ model from its adapter folder alone
 """
 
 from readapt.read.config import ReadConfig
-from readapt.read.model import ReadModel, get_read_model
 
-__all__ = ["ReadConfig", "ReadModel", "get_read_model"]
+# transformers and peft load with the model classes, when first used (see readapt/__init__.py)
+_LAZY = {"AutoReadModel": "readapt.read.auto", "ReadModel": "readapt.read.model", "get_read_model": "readapt.read.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'readapt.read' has no attribute {name!r}")
+
+__all__ = ["AutoReadModel", "ReadConfig", "ReadModel", "get_read_model"]

@@ -76,6 +76,18 @@ def check_adapter_name(name: str) -> None:
         raise ConfigError(f"an adapter name must be a non-empty string, got {name!r}")
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of a module that nothing trains and no hook of the original reaches (the backbone's own head)."""
+    copied = copy.deepcopy(module)
+    clear_hooks(copied)
+    return copied.requires_grad_(False)
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A new adapter's head: a trainable copy of the backbone's own (PEFT's modules_to_save start the same way)."""
+    return frozen_copy(module).requires_grad_(True)
+
+
 def head_for(backbone: nn.Module, name: str, state: dict[str, torch.Tensor], directory: Path) -> nn.Module:
     """A new instance of head module `name` for an adapter: a copy of the backbone's, with every Linear whose
     saved weight has another shape (another number of labels) replaced by a Linear of the saved shape."""
