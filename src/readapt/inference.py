@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from readapt.adapter_files import ADAPTER_DIR, read_adapter_metadata
 from readapt.answers import candidate_scores, generate_texts, no_kv_cache
-from readapt.data import Candidates, Collator, candidates_for, encode
+from readapt.encoding import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
 from readapt.io import atomic_write_text
 from readapt.read.model import ReadModel
