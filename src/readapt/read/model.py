@@ -14,7 +14,9 @@ correction is added in float32 and the corrected state stays float32 on its way 
 head of a text-to-text model gets it in its own dtype and returns float32 logits).
 
 Named adapters (readapt.read.adapters) and the shared frozen pass over them (readapt.read.shared_pass) are
-PEFT-style: `load_adapter`, `set_adapter`, `delete_adapter`, `run_adapters`.
+PEFT-style: `load_adapter`, `set_adapter`, `delete_adapter`, `run_adapters`. ReadModel is a `peft.PeftModel` to the
+Hugging Face stack (transformers' Trainer saves, resumes and inspects PEFT models by that class), with PEFT's names
+implemented for READ in readapt.read.peft_surface and dtype / device moves in readapt.read.precision.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from readapt.adapter_files import (
@@ -45,6 +48,7 @@ from readapt.read.adapters import (
     NamedAdapters,
     apply_label_settings,
     check_adapter_name,
+    frozen_copy,
     head_for,
     label_settings,
     labels_for,
@@ -53,30 +57,44 @@ from readapt.read.attach import StackAttachment
 from readapt.read.cache import CachedCall
 from readapt.read.capture import READ_ENCODER_STATES, LayerCapture, earlier_tokens_cached
 from readapt.read.config import ReadConfig
+from readapt.read.peft_surface import PeftSurface, check_adapter_folder
+from readapt.read.precision import PrecisionPolicy
 from readapt.read.shared_pass import SharedPass
 from readapt.read.side_network import ReadSideNetwork, pool_states
+from readapt.read.sources import backbone_source, separator_token_id
 from readapt.version import __version__
 
 
-class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
+class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, FrozenBackboneWrapper, PeftModel):
     """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
 
     def __init__(self, backbone: nn.Module, config: ReadConfig, adapter_name: str = DEFAULT_ADAPTER):
-        super().__init__()
+        nn.Module.__init__(self)  # not PeftModel's, which builds one of PEFT's own tuners
         if not isinstance(config, ReadConfig):
             raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
         info = describe_backbone(backbone)
-        # sequence_context="auto", and the separator token of "segments" (readapt's loader copies the tokenizer's)
-        config = config.resolved_for(info.family, getattr(getattr(backbone, "config", None), "sep_token_id", None))
+        # sequence_context="auto", and the separator token of "segments": the config's (readapt's loader copies the
+        # tokenizer's into it), else the tokenizer's saved with the backbone, so a backbone loaded by hand gets the
+        # READ model that `readapt train` builds on it
+        config = config.resolved_for(info.family, separator_token_id(backbone, info.family, config))
         self.backbone = backbone
         self.read_config = config
         self.info: BackboneInfo = info
         self.adapted_stacks = self._select_stacks(info, config)
         self.head_module_names = self._select_heads(backbone, info, config)
+        # The backbone's own head modules, for disable_adapter() and the head a new adapter starts from (add_adapter)
+        self._original_heads = {name: frozen_copy(backbone.get_submodule(name)) for name in self.head_module_names}
+        self._original_labels = label_settings(backbone)
+        self._adapters_disabled = False
 
         backbone.requires_grad_(False)
         for name in self.head_module_names:
             backbone.get_submodule(name).requires_grad_(True)
+        if not hasattr(backbone, "accepts_loss_kwargs") and not info.architecture.endswith("ForCausalLM"):
+            # Trainer takes a forward(**kwargs) for a loss normalised by num_items_in_batch and stops dividing by
+            # the accumulation steps; only the causal LM losses (self.loss_function) are. Classification and
+            # seq2seq heads average each micro-batch (transformers#47688), so they say they are not.
+            backbone.accepts_loss_kwargs = False
         self.backbone_dtype = next(backbone.parameters()).dtype
 
         self.read = self._side_networks(config)
@@ -95,8 +113,9 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         self._wrapped: list[nn.Module] = []
         self._embedding_hooks = False
         self._install_hooks()
+        self._precision_hooks: list = []  # what _keep_head_in_float32 registered (redone when the dtype changes)
         if self.backbone_dtype in LOW_PRECISION:
-            self._keep_head_in_float32()
+            self._keep_heads_in_float32()
         heads = {name: backbone.get_submodule(name) for name in self.head_module_names}
         self.named_adapters = NamedAdapters(adapter_name, NamedAdapter(config, self.read, heads, {}))
         self.train(backbone.training)
@@ -160,6 +179,8 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         if capture.seen != stack.num_layers:
             raise RuntimeError(f"READ saw {capture.seen} of {stack.num_layers} {stack.name} layers run; "
                                "the stack skipped layers or ran them outside its forward")
+        if self._adapters_disabled:  # disable_adapter(): the backbone's own states
+            return self._uncorrected(stack, output)
         final = first_tensor(output)  # φ_N
         delta = self.read[stack.name](*self._side_inputs(stack, capture, final, kwargs)).to(final.device)  # δφ
         # In the wider of the two dtypes: a float32 correction is not rounded away on a bfloat16 backbone.
@@ -262,8 +283,6 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         same coupling, same head module names); its head may have another shape (another label set): it gets
         its own head modules. The active adapter does not change (use `set_adapter`)."""
         check_adapter_name(adapter_name)
-        if adapter_name in self.named_adapters:
-            raise ConfigError(f"an adapter named {adapter_name!r} is already loaded; delete it first or pick another name")
         adapter_directory = Path(adapter_directory)
         metadata = read_adapter_metadata(adapter_directory, method="read")
         check_backbone_compatible(metadata["backbone"], self.info.signature(), adapter_directory)
@@ -271,6 +290,9 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
             config = ReadConfig.from_dict(metadata["config"])
         except ConfigError as exc:
             raise IncompatibleAdapterError(f"adapter {adapter_directory}: {exc}") from None
+        if adapter_name in self.named_adapters:  # PEFT's semantics: new weights for it (Trainer resumes this way)
+            self._reload_adapter(adapter_name, config, adapter_directory, is_trainable)
+            return
         self._check_same_attachment(config, metadata, adapter_directory)
         state = load_safetensors(adapter_directory / WEIGHTS_NAME)
         read = self._side_networks(config)
@@ -283,9 +305,30 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         labels = labels_for(self.backbone, self.info.stacks[-1].hidden_size, heads, adapter_directory)
         self.named_adapters.add(adapter_name, NamedAdapter(config, read, heads, labels))
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter that runs: its side networks and head modules go into the model."""
+    def _reload_adapter(self, adapter_name: str, config: ReadConfig, directory: Path, is_trainable: bool) -> None:
         adapter = self.named_adapters.get(adapter_name)
+        if config != adapter.config:
+            changed = sorted(k for k, v in config.to_dict().items() if adapter.config.to_dict().get(k) != v)
+            raise ConfigError(f"an adapter named {adapter_name!r} is already loaded with another READ config "
+                              f"({', '.join(changed)} differ from {directory}'s); delete it first or pick another name")
+        try:
+            copy_into(self._adapter_tensors(adapter.read, adapter.heads), load_safetensors(directory / WEIGHTS_NAME),
+                      str(directory))
+        except IncompatibleAdapterError as exc:
+            raise IncompatibleAdapterError(f"an adapter named {adapter_name!r} is already loaded: {exc}") from None
+        for module in (adapter.read, *adapter.heads.values()):
+            module.requires_grad_(is_trainable)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the adapter that runs: its side networks and head modules go into the model.
+        Which weights train is chosen when an adapter is loaded or added (`is_trainable`); `inference_mode=True`
+        also freezes the activated one (PEFT's flag; unlike PEFT, False leaves its weights as they are)."""
+        adapter = self.named_adapters.get(adapter_name)
+        if self._adapters_disabled:
+            raise ConfigError("set_adapter inside disable_adapter(): switch adapters before or after the block")
+        if inference_mode:
+            for module in (adapter.read, *adapter.heads.values()):
+                module.requires_grad_(False)
         if adapter_name == self.named_adapters.active:
             return
         self.named_adapters.get(self.named_adapters.active).labels = label_settings(self.backbone)
@@ -340,6 +383,14 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         head = head_for(self.backbone, name, state, directory)
         return self._float32_head(head) if self.backbone_dtype in LOW_PRECISION else head
 
+    def _uncorrected(self, stack: Stack, output):
+        """A stack's output as the backbone computed it. A decoupled encoder's output also carries its states where
+        READ's would be, so that generate() can hand it back to the backbone (as a recorded cache pass does)."""
+        if (stack.name == "encoder" and self.info.family == ENCODER_DECODER and not self.read_config.couple_encoder
+                and not isinstance(output, (tuple, list))):
+            output[READ_ENCODER_STATES] = first_tensor(output)
+        return output
+
     def _adapter_tensors(self, read: nn.ModuleDict, heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         state = {f"read.{k}": v for k, v in read.state_dict().items()}
         for name, head in heads.items():
@@ -383,36 +434,46 @@ class ReadModel(SharedPass, StackAttachment, FrozenBackboneWrapper):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---------------------------------------------------------------- save / load
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything READ trains: the side networks and the task head, nothing of the frozen backbone."""
-        state = {f"read.{k}": v for k, v in self.read.state_dict().items()}
-        for name in self.head_module_names:
-            state.update({f"head.{name}.{k}": v for k, v in self.backbone.get_submodule(name).state_dict().items()})
-        return state
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Everything READ trains: the side networks and the task head, nothing of the frozen backbone (of the
+        active adapter, or of `adapter_name`)."""
+        adapter = self.named_adapters.get(self.named_adapters.active if adapter_name is None else adapter_name)
+        return self._adapter_tensors(adapter.read, adapter.heads)  # the active one's are the model's own modules
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
         copy_into(self.adapter_state_dict(), state, source)
 
-    def adapter_metadata(self) -> dict:
+    def adapter_metadata(self, adapter_name: str | None = None) -> dict:
+        """adapter_config.json: the READ config, and what rebuilds the backbone (AutoReadModel) and checks it."""
+        name = self.named_adapters.active if adapter_name is None else adapter_name
+        adapter = self.named_adapters.get(name)
+        labels = adapter.labels
+        if name == self.named_adapters.active:  # the live settings (the saved ones while disable_adapter() runs)
+            labels = self._enabled_labels if self._adapters_disabled else label_settings(self.backbone)
         return {
             "method": "read",
             "readapt_version": __version__,
-            "config": self.read_config.to_dict(),
+            "config": adapter.config.to_dict(),
             "backbone": self.info.signature(),
-            "base_model_name_or_path": getattr(self.backbone.config, "_name_or_path", ""),
+            "base_model_name_or_path": backbone_source(self.backbone),
+            "backbone_dtype": str(self.backbone_dtype).removeprefix("torch."),
             "head_modules": self.head_module_names,
+            "labels": {key: value for key, value in labels.items() if value is not None},
         }
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write the READ config (JSON) and the trainable weights (safetensors), each atomically."""
-        save_directory = Path(save_directory)
-        atomic_save_safetensors(save_directory / WEIGHTS_NAME, self.adapter_state_dict(), metadata={"format": "pt"})
-        atomic_write_json(save_directory / CONFIG_NAME, self.adapter_metadata())
+    def _write_adapter(self, directory: Path, adapter_name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """One adapter's folder: the trainable weights (safetensors) and the metadata (JSON), each atomically."""
+        tensors = self.adapter_state_dict(adapter_name) if state is None else state
+        atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        atomic_write_json(directory / CONFIG_NAME, self.adapter_metadata(adapter_name))
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, is_trainable: bool = False,
-                        adapter_name: str = DEFAULT_ADAPTER) -> ReadModel:
+    def from_pretrained(cls, backbone: nn.Module, adapter_directory: str | Path, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False) -> ReadModel:
+        """The adapter saved in `adapter_directory` on `backbone` (PEFT's argument order). Adapters saved next to
+        it in sub-folders (save_pretrained's layout for non-default names) load with `load_adapter`."""
         adapter_directory = Path(adapter_directory)
+        check_adapter_folder(adapter_directory)
         metadata = read_adapter_metadata(adapter_directory, method="read")
         check_backbone_compatible(metadata["backbone"], describe_backbone(backbone).signature(), adapter_directory)
         config = ReadConfig.from_dict(metadata["config"])
