@@ -186,6 +186,18 @@ def _save_tiny(model, path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    """READ runs use the feature cache by default: keep the tests' entries out of the user's ~/.cache."""
+    previous = os.environ.get("READAPT_CACHE_DIR")
+    os.environ["READAPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("READAPT_CACHE_DIR", None)
+    else:
+        os.environ["READAPT_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

@@ -217,7 +217,8 @@ def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(cont
 @pytest.mark.parametrize("kind", ["bert", "bert-pooled", "bert-pairs", "t5", "llama"])
 def test_training_from_float32_cache_matches_live(kind, tiny_models, tmp_path, step_losses):
     """("bert": the default context, "segments", on single texts; "bert-pairs": on pairs of texts)"""
-    config = _config(tmp_path, tiny_models[kind.split("-")[0]], pairs=kind == "bert-pairs", cache_dtype="float32")
+    config = _config(tmp_path, tiny_models[kind.split("-")[0]], pairs=kind == "bert-pairs", cache_dtype="float32",
+                     cache_features=False)
     if kind == "bert-pooled":
         config.method_options = {"hidden_size": 16, "sequence_context": "pooled"}
     live, live_metrics = _train_losses(config, step_losses)
@@ -451,9 +452,10 @@ def test_backbone_dtype_and_cache_flags_are_checked(tmp_path, capsys):
         TrainingConfig(data=DataConfig(task="sst2"), method="full", backbone_dtype="bfloat16").validate()
     with pytest.raises(ConfigError, match="--cache-max-gb"):
         TrainingConfig(data=DataConfig(task="sst2"), cache_features=True, cache_max_gb=0).validate()
-    code = main(["train", "--task", "sst2", "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path / "run")])
+    code = main(["train", "--task", "sst2", "--no-cache-features", "--cache-dir", str(tmp_path), "--output-dir",
+                 str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "--cache-dir apply only with --cache-features" in err
+    assert code == 2 and err.count("\n") == 1 and "--cache-dir apply only with the feature cache" in err
     code = main(["train", "--task", "sst2", "--method", "full", "--cache-features", "--output-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--cache-features needs --method read" in err

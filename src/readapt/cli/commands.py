@@ -50,8 +50,8 @@ def train_config_from_args(args) -> TrainingConfig:
         raise ReadaptError(f"READ options ({', '.join(sorted(read_options))}) apply to --method read, not {args.method}")
     cache_flags = {"--cache-dir": args.cache_dir, "--cache-dtype": args.cache_dtype, "--cache-max-gb": args.cache_max_gb}
     given_cache_flags = [flag for flag, value in cache_flags.items() if value is not None]
-    if given_cache_flags and not args.cache_features:
-        raise ReadaptError(f"{', '.join(given_cache_flags)} apply only with --cache-features")
+    if given_cache_flags and args.cache_features is False:
+        raise ReadaptError(f"{', '.join(given_cache_flags)} apply only with the feature cache (not --no-cache-features)")
     values = given_values(args, flags.training)
     values.setdefault("output_dir", os.path.join("runs", f"{args.task or 'custom'}-{args.method}"))
     return TrainingConfig(data=data_config_from_args(args), method_options={**read_options, **method_options_from_args(args)},

@@ -38,6 +38,10 @@ class Method:
     # The side network can correct chosen token positions only (`model.correcting_positions`), e.g. [CLS] alone.
     corrects_positions: bool = False
 
+    def default_epochs(self, train_rows: int) -> int:
+        """The epoch budget `readapt train` uses when --epochs is not given."""
+        return 3
+
     def feature_cache_problem(self, options: dict[str, Any]) -> str | None:
         """Why the backbone's hidden states cannot be computed once and replayed with these options (the end of
         "--cache-features needs ..."); None when they can (readapt.read.cache)."""

@@ -31,6 +31,11 @@ class ReadMethod(Method):
     def load(self, backbone, directory):
         return ReadModel.from_pretrained(backbone, directory)
 
+    def default_epochs(self, train_rows: int) -> int:
+        # With the feature cache an epoch costs a small fraction of the first (the backbone runs once), so small
+        # data sets get more passes; the selection split (or dev) picks the epoch.
+        return 10 if train_rows <= 2000 else 5 if train_rows <= 10000 else 3
+
     def feature_cache_problem(self, options):
         if ReadConfig.from_dict(options).couple_encoder:
             return ("decoupled READ: with --couple-encoder the backbone decoder consumes the trained encoder "

@@ -13,7 +13,13 @@ from typing import Any
 
 from readapt.errors import ConfigError
 from readapt.methods import get_method
-from readapt.settings import BACKBONE_DTYPES, CACHE_DTYPES, DECODER_HEADS, GenerationSettings
+from readapt.settings import (
+    BACKBONE_DTYPES,
+    CACHE_DTYPES,
+    DECODER_HEADS,
+    QUANTIZED_BACKBONE_DTYPES,
+    GenerationSettings,
+)
 from readapt.tasks.custom import GENERATION_COLUMNS
 
 TASK_TYPES = ("auto", "classification", "regression", "generation")
@@ -89,7 +95,8 @@ class TrainingConfig:
     output_dir: str = option("runs/latest", cli_default=None,
                              help="where the adapter, metrics.json and train.log go (CLI default: runs/<task>-<method>)")
     overwrite: bool = option(False, help="replace an output directory that holds files")
-    epochs: int = option(3, help="training epochs")
+    epochs: int | None = option(None, help="training epochs (default: the method's budget for the data size; READ: "
+                                           "10 up to 2,000 training rows, 5 up to 10,000, then 3; others 3)")
     batch_size: int = option(32, help="training batch size")
     eval_batch_size: int = option(64, help="evaluation batch size")
     lr: float | None = option(None, help="peak learning rate (default: the method's, READ 1e-3, full 5e-5)")
@@ -104,10 +111,16 @@ class TrainingConfig:
     backbone_dtype: str = option(
         "float32", choices=BACKBONE_DTYPES,
         help="weights of the frozen backbone (READ only; side network and head stay float32). On CPU "
-             "bfloat16/float16 halve the weights' memory but run slower without AVX512-BF16/AMX")
-    cache_features: bool = option(False, group=FEATURE_CACHE,
-                                  help="store every layer's hidden states of the train and dev examples in the first "
-                                       "pass, replay them in later epochs instead of running the backbone")
+             "bfloat16/float16 halve the weights' memory but run slower without AVX512-BF16/AMX; int8/int4 quantize "
+             "its linear weights through transformers' torchao or bitsandbytes integration (pip install "
+             "'readapt[quant]'; docs/big-backbones.md)")
+    cache_features: bool | None = option(
+        None, group=FEATURE_CACHE,
+        help="store every layer's hidden states of the train and dev examples in the first pass, replay them in later "
+             "epochs instead of running the backbone. Default: the training split only (dev and selection scores "
+             "from the live model), wherever the method can replay it — READ, decoupled, not a generation task nor "
+             "a decoder-only LM answering in words, no --device-map, no --eval-before-training; "
+             "--no-cache-features: off")
     cache_dir: str | None = option(None, group=FEATURE_CACHE,
                                    help="where entries go (default: $READAPT_CACHE_DIR, else ~/.cache/readapt/features)")
     cache_dtype: str = option("float16", choices=CACHE_DTYPES, group=FEATURE_CACHE, cli_default=None,
@@ -157,7 +170,7 @@ class TrainingConfig:
         method = get_method(self.method)
         method.validate_options(self.method_options)
         checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
+            "epochs": self.epochs is None or self.epochs >= 1, "batch_size": self.batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
             "max_length": self.max_length >= 8, "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "max_grad_norm": self.max_grad_norm > 0,
             "checkpoint_every": self.checkpoint_every is None or self.checkpoint_every >= 1,
@@ -176,8 +189,10 @@ class TrainingConfig:
         _check_choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("--backbone-dtype", self.backbone_dtype, BACKBONE_DTYPES)
         if self.backbone_dtype != "float32" and not method.supports_backbone_placement:
+            why = ("quantized weights can neither be trained nor back-propagated through"
+                   if self.backbone_dtype in QUANTIZED_BACKBONE_DTYPES else "which then stay float32")
             raise ConfigError(f"--backbone-dtype {self.backbone_dtype} needs --method read: {self.method} trains or "
-                              "back-propagates through the backbone's own weights, which then stay float32")
+                              f"back-propagates through the backbone's own weights, {why}")
         _check_choice("--cache-dtype", self.cache_dtype, CACHE_DTYPES)
         if self.cache_max_gb is not None and not (self.cache_max_gb > 0 and math.isfinite(self.cache_max_gb)):
             raise ConfigError(f"--cache-max-gb={self.cache_max_gb} is out of range; it must be a positive number")
@@ -203,6 +218,13 @@ class TrainingConfig:
                               "backbone, which a split or offloaded backbone (placed for forward passes only) cannot do")
         parse_device_map(self.device_map)
         normalize_max_memory(self.max_memory)
+
+    def wants_feature_cache(self, method, task, causal_lm: bool) -> bool:
+        """--cache-features as given, or, by default, wherever it is valid (see the field's help)."""
+        if self.cache_features is not None:
+            return self.cache_features
+        return (method.feature_cache_problem(self.method_options) is None and not task.is_generation
+                and not causal_lm and self.device_map is None and not self.eval_before_training)
 
     @property
     def learning_rate(self) -> float:

@@ -81,23 +81,28 @@ class TrainRecipe:
     # ---------------------------------------------------------------- setup
     def setup_data(self) -> None:
         config, task, loaded = self.config, self.task, self.loaded
-        if config.cache_features and task.is_generation:
+        cache = config.wants_feature_cache(self.method, task, self.causal)
+        if cache and task.is_generation:
             raise ConfigError("--cache-features does not support generation tasks: generating runs the backbone on "
                               "tokens that do not exist before the model writes them")
-        if config.cache_features and self.causal:
+        if cache and self.causal:
             raise ConfigError("--cache-features does not support decoder-only LMs answering in words yet (their "
                               "prompt + answer sequences are not cached); use --decoder-head classifier, or no cache")
         collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, task.is_regression, causal=self.causal)
         features = encode(task, self.train_examples, loaded.tokenizer, config.max_length, loaded.text_to_text,
                           self.causal)
-        self.feature_cache = CacheJobs(config, self.model, loaded) if config.cache_features else None
+        self.feature_cache = CacheJobs(config, self.model, loaded) if cache else None
         train_collator = collator
         if self.feature_cache is not None:
             features, train_collator = self.feature_cache.attach("train", features, collator, None, training=True)
         self.order = EpochShuffle(len(features), config.seed)
         self.train_loader = make_loader(features, config.batch_size, train_collator, sampler=self.order)
+        # By default only the training split is cached: the scores a run reports are then those of the live
+        # model, exactly what `readapt eval` gives for the saved adapter (a float16 cache rounds the states).
+        # --cache-features caches the dev and selection splits too.
+        dev_cache = self.feature_cache if config.cache_features else None
         self.evaluate = DevEvaluator.build(task, self.dev_examples, loaded, config.max_length, config.eval_batch_size,
-                                           self.accelerator, self.feature_cache, config.generation)
+                                           self.accelerator, dev_cache, config.generation)
         if self.feature_cache is not None:
             self.feature_cache.cache.check_budget([job[0] for job in self.feature_cache.jobs])
         self.first_token = self._corrects_first_token_only(features, collator)
