@@ -26,7 +26,7 @@ METHOD_FLAGS = {
 READ_FLAG_NAMES = {"rnn_type": "--rnn-type", "num_rnn_layers": "--read-num-layers", "couple_encoder": "--couple-encoder"}
 DATA_FOR_EVAL = ("task", "data_dir", "train_file", "validation_file", "text_columns", "label_column", "task_type",
                  "max_eval_samples")
-RUN_FOR_EVAL = ("model", "max_length", "cpu", "progress")
+RUN_FOR_EVAL = ("model", "cpu", "progress")
 
 
 class Parser(argparse.ArgumentParser):
@@ -117,7 +117,10 @@ def _add_eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="score a trained adapter on the task's dev split(s)")
     data = add_config_arguments(evaluate, DataConfig, only=DATA_FOR_EVAL)
     add_config_arguments(evaluate, TrainingConfig, only=RUN_FOR_EVAL)
-    evaluate.add_argument("--adapter", required=True, help="adapter directory written by `readapt train`")
+    evaluate.add_argument("--adapter", required=True,
+                          help="adapter directory written by `readapt train`: its task.json names the task, columns "
+                               "and max length (the flags above override them)")
+    evaluate.add_argument("--max-length", type=int, help="truncate inputs (default: the adapter's, else 128)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     _add_debug(evaluate)

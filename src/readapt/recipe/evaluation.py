@@ -4,6 +4,8 @@ metrics, and the score that picks the best epoch."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 
 from readapt.answers import candidate_scores, generate_texts, no_kv_cache
 from readapt.encoding import Candidates, Collator, candidates_for, encode
+from readapt.errors import ConfigError, DataError
 from readapt.methods import method_of
 from readapt.pretrained import load_backbone
 from readapt.read.cache import CACHED_FEATURES
@@ -22,7 +25,7 @@ from readapt.recipe.cache_jobs import CacheJobs
 from readapt.recipe.config import DataConfig
 from readapt.recipe.data import SELECTION_SPLIT, load_task_data, make_loader
 from readapt.settings import GenerationSettings
-from readapt.tasks import Example, Task, compute_metrics
+from readapt.tasks import Example, Task, compute_metrics, load_custom_task
 
 
 @torch.no_grad()
@@ -114,23 +117,74 @@ def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
 
 
 def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Path, batch_size: int = 64,
-                     max_length: int = 128, progress: bool = True, cpu: bool = False) -> dict[str, dict[str, float]]:
-    """Load a backbone and a trained adapter (any method) and score the task's dev split(s)."""
+                     max_length: int | None = None, progress: bool = True,
+                     cpu: bool = False) -> dict[str, dict[str, float]]:
+    """Load a backbone and a trained adapter (any method) and score the task's dev split(s). The task, its columns
+    and max length come from the adapter's task.json where it has one (`readapt train` writes it): `data` then
+    needs no task (a GLUE task's dev set is found as in training; a custom task's rows come from
+    `data.validation_file`), and what `data` does name overrides it."""
     from accelerate import Accelerator
 
     from readapt.task_spec import TASK_FILE, read_task_file
 
-    data.validate()
-    method = method_of(Path(adapter))
-    task, _, dev_examples = load_task_data(data, seed=0)
+    adapter = Path(adapter)
+    method = method_of(adapter)
     # how the adapter answers (label words or a head; generation settings) is what it was trained with
-    spec = read_task_file(adapter) if (Path(adapter) / TASK_FILE).is_file() else None
+    spec = read_task_file(adapter) if (adapter / TASK_FILE).is_file() else None
+    task, dev_examples = _evaluation_data(data, spec, adapter)
     decoder_head = "label-words" if spec is None or spec.text_to_text else "classifier"
     generation = GenerationSettings(**spec.generation) if spec is not None and spec.generation else None
+    max_length = max_length or (spec.max_length if spec is not None else 128)
     loaded = load_backbone(model_name, task.num_labels, task.is_regression, decoder_head=decoder_head,
                            generation=task.is_generation)
-    model = method.load(loaded.model, Path(adapter))
+    model = method.load(loaded.model, adapter)
     accelerator = Accelerator(cpu=cpu)
     evaluate = DevEvaluator.build(task, dev_examples, loaded, max_length, batch_size, accelerator,
                                   generation=generation)
     return evaluate(accelerator.prepare(model), progress)
+
+
+def _evaluation_data(data: DataConfig, spec, adapter: Path) -> tuple[Task, dict[str, list[Example]]]:
+    """(task, dev splits) for `evaluate_adapter`: from `data` where it names a task or a training file, else from the
+    adapter's task.json (GLUE: its task; custom: the rows of --validation-file read with the saved columns and
+    label set)."""
+    if data.task or data.train_file:
+        data.validate()
+        task, _, dev = load_task_data(data, seed=0)
+        return task, dev
+    if spec is None:
+        raise ConfigError(f"adapter {adapter} has no task.json, so it does not say which task it predicts: name a "
+                          "GLUE task with --task, or give --train-file/--validation-file")
+    if spec.source == "glue":
+        data.task = spec.glue_task
+        return _evaluation_data(data, None, adapter)
+    if data.validation_file is None:
+        raise ConfigError(f"adapter {adapter} was trained on a custom task ({', '.join(spec.task.text_fields)} -> "
+                          "labels): give the rows to score with --validation-file")
+    custom = _custom_settings(adapter)
+    columns = data.text_columns or custom.get("text_columns") or list(spec.task.text_fields)
+    label_column = data.label_column or custom.get("label_column") or "label"
+    task_type = custom.get("task_type") or data.task_type
+    file_task, splits = load_custom_task(data.validation_file, data.validation_file, columns, label_column,
+                                         task_type=task_type)
+    rows = splits["validation"][: data.max_eval_samples] if data.max_eval_samples else splits["validation"]
+    task = dataclasses.replace(spec.task, dev_splits=("validation",))
+    if not task.is_regression and not task.is_generation:  # the file's own label order -> the adapter's
+        index = {name: i for i, name in enumerate(task.label_names)}
+        unknown = sorted(set(file_task.label_names) - set(index))
+        if unknown:
+            raise DataError(f"{data.validation_file}: label(s) {', '.join(unknown)} are not among the adapter's "
+                            f"labels ({', '.join(task.label_names)})")
+        rows = [dataclasses.replace(e, label=index[file_task.label_names[e.label]]) for e in rows]
+    return task, {"validation": rows}
+
+
+def _custom_settings(adapter: Path) -> dict[str, Any]:
+    """The "custom" part of task.json (text columns, label column, task type), {} where it has none."""
+    from readapt.adapter_files import TASK_FILE
+
+    try:
+        record = json.loads((adapter / TASK_FILE).read_text(encoding="utf-8")).get("custom")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
