@@ -85,6 +85,13 @@ def test_trainer_finds_the_labels_and_calls_compute_metrics(tmp_path):
     assert "eval_loss" in metrics and 0.0 <= metrics["eval_accuracy"] <= 1.0
 
 
+def test_trainer_label_smoothing_finds_the_backbones_class(tmp_path):
+    """Trainer names a PEFT model's class by base_model.model (to shift a causal LM's labels): the backbone's."""
+    model = get_read_model(tiny_backbone("bert"), SMALL)
+    assert model.base_model.model._get_name() == "BertForSequenceClassification"
+    assert default_trainer(model, tmp_path, label_smoothing_factor=0.1).train().training_loss > 0
+
+
 def test_trainer_saves_only_the_adapter_and_it_loads(tmp_path):
     model = get_read_model(tiny_backbone("bert"), SMALL)
     trainer = default_trainer(model, tmp_path / "run", save_strategy="steps", save_steps=2)
@@ -177,8 +184,10 @@ def test_peft_names_read_cannot_honour_say_why(name):
 def test_no_peft_model_method_runs_on_a_read_model():
     """Every public name PeftModel defines is READ's own (readapt.read.*): nothing of PEFT's tuner code, which
     needs a PeftModel.__init__ that READ does not run, is reachable."""
+    model_class = type(get_read_model(tiny_backbone("bert"), SMALL))
+    assert model_class.__name__ == "ReadModel" and issubclass(model_class, (ReadModel, PeftModel))
     for name in (n for n in vars(PeftModel) if not n.startswith("_")):
-        owner = next(cls for cls in ReadModel.__mro__ if name in vars(cls))
+        owner = next(cls for cls in model_class.__mro__ if name in vars(cls))
         assert owner.__module__.startswith("readapt."), (name, owner)
 
 
@@ -220,6 +229,20 @@ def test_save_pretrained_writes_every_adapter_in_peft_layout(tmp_path):
         model.save_pretrained(tmp_path / "nope", selected_adapters=["nope"])
     model.save_pretrained(tmp_path / "other-rank", is_main_process=False)
     assert not (tmp_path / "other-rank").exists() and not (tmp_path / "pickle").exists()
+
+
+def test_save_pretrained_takes_the_active_adapter_from_a_whole_model_state_dict(tmp_path):
+    """What Trainer hands save_pretrained under DeepSpeed / FSDP: the gathered state dict of the whole model."""
+    model = trained()
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=state)
+    with safe_open(tmp_path / WEIGHTS_NAME, "pt") as weights:
+        saved = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (no __iter__)
+    assert torch.equal(saved["head.classifier.weight"], state["backbone.classifier.weight"])
+    assert all(torch.equal(saved[k], state[k]) for k in saved if k.startswith("read."))  # the same names there
+    assert saved.keys() == model.adapter_state_dict().keys()
+    with pytest.raises(ConfigError, match="lacks this adapter's backbone.classifier.bias"):
+        model.save_pretrained(tmp_path, state_dict={k: v for k, v in state.items() if k != "backbone.classifier.bias"})
 
 
 def test_load_adapter_into_a_loaded_name_takes_its_weights(tmp_path):

@@ -14,9 +14,9 @@ correction is added in float32 and the corrected state stays float32 on its way 
 head of a text-to-text model gets it in its own dtype and returns float32 logits).
 
 Named adapters (readapt.read.adapters) and the shared frozen pass over them (readapt.read.shared_pass) are
-PEFT-style: `load_adapter`, `set_adapter`, `delete_adapter`, `run_adapters`. ReadModel is a `peft.PeftModel` to the
-Hugging Face stack (transformers' Trainer saves, resumes and inspects PEFT models by that class), with PEFT's names
-implemented for READ in readapt.read.peft_surface and dtype / device moves in readapt.read.precision.
+PEFT-style: `load_adapter`, `set_adapter`, `delete_adapter`, `run_adapters`. A ReadModel is a `peft.PeftModel` to
+the Hugging Face stack (transformers' Trainer saves, resumes and inspects PEFT models by that class), with PEFT's
+names implemented for READ in readapt.read.peft_surface and dtype / device moves in readapt.read.precision.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from readapt.adapter_files import (
@@ -57,7 +56,7 @@ from readapt.read.attach import StackAttachment
 from readapt.read.cache import CachedCall
 from readapt.read.capture import READ_ENCODER_STATES, LayerCapture, earlier_tokens_cached
 from readapt.read.config import ReadConfig
-from readapt.read.peft_surface import PeftSurface, check_adapter_folder
+from readapt.read.peft_surface import PeftSurface, as_peft_model, check_adapter_folder
 from readapt.read.precision import PrecisionPolicy
 from readapt.read.shared_pass import SharedPass
 from readapt.read.side_network import ReadSideNetwork, pool_states
@@ -65,8 +64,11 @@ from readapt.read.sources import backbone_source, separator_token_id
 from readapt.version import __version__
 
 
-class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, FrozenBackboneWrapper, PeftModel):
+class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, FrozenBackboneWrapper):
     """A backbone with READ. Use `get_read_model(backbone, config)` or `ReadModel.from_pretrained`."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(as_peft_model(cls))  # a peft.PeftModel, with peft imported only now
 
     def __init__(self, backbone: nn.Module, config: ReadConfig, adapter_name: str = DEFAULT_ADAPTER):
         nn.Module.__init__(self)  # not PeftModel's, which builds one of PEFT's own tuners

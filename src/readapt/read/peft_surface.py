@@ -1,7 +1,7 @@
 """PEFT's names on a READ model, with PEFT's meaning where READ can honour it, and one clear error where it cannot.
 
-ReadModel is a `peft.PeftModel` to the code that checks (transformers' Trainer saves, resumes and inspects PEFT models
-by that class), so what PeftModel offers is here, for READ:
+A ReadModel is a `peft.PeftModel` to the code that checks (transformers' Trainer saves, resumes and inspects PEFT
+models by that class; `as_peft_model`), so what PeftModel offers is here, for READ:
 
     get_base_model() / base_model.model   the wrapped transformers model (base_model is READ's own tuner layer, as
                                           PEFT's LoraModel is: the ReadModel)
@@ -18,6 +18,7 @@ What READ cannot honour raises ConfigError saying why (merging: READ is not a we
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +41,20 @@ from readapt.read.sources import separator_token_id
 NOT_A_WEIGHT_DELTA = ("READ is not a weight delta: a side network computes its correction at run time from every "
                       "layer's hidden states, so there is nothing to fold into the backbone's weights; unload() returns "
                       "the untouched backbone, and the adapter needs the ReadModel")
+
+
+@functools.cache
+def as_peft_model(cls: type) -> type:
+    """`cls` with peft.PeftModel as a last base, what ReadModel.__new__ builds instances of. Made when the first READ
+    model is, so that importing readapt does not import peft: that costs 3 to 5 CPU seconds, and where torchao or
+    bitsandbytes are installed it logs lines on stderr, which would break the CLI's one-line errors. PeftModel's own
+    __init__ never runs (ReadModel calls nn.Module's), and every public name of it is READ's (PeftSurface)."""
+    from peft import PeftModel
+
+    if issubclass(cls, PeftModel):
+        return cls
+    return type(cls.__name__, (cls, PeftModel), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                 "__doc__": cls.__doc__})
 
 
 def _cannot(name: str, why: str):
@@ -178,12 +193,13 @@ class PeftSurface:
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, max_shard_size: int | str | None = None,
+                        ) -> None:
         """Save adapters in PEFT's layout: the one named "default" in `save_directory`, each other one in
         `save_directory/<name>`; every loaded adapter unless `selected_adapters` names some. Each folder holds
         adapter_config.json and adapter_model.safetensors, written atomically, and nothing of the frozen backbone.
         `state_dict`: a whole-model state dict (Trainer passes one under DeepSpeed / FSDP) that holds the active
-        adapter's tensors."""
+        adapter's tensors. `max_shard_size` (push_to_hub passes it) has nothing to split: an adapter is one file."""
         if not safe_serialization:
             raise ConfigError("readapt saves adapters as safetensors only: safe_serialization=False would write a "
                               "pickle, which loading could run as code")
