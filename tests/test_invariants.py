@@ -1,4 +1,4 @@
-"""The READ invariants (docs: ../shared/docs/READ_METHOD.md), on tiny random models of every family."""
+"""The READ invariants (docs/method.md), on tiny random models of every family."""
 
 from __future__ import annotations
 
