@@ -230,3 +230,32 @@ def test_training_with_a_mixer_from_the_feature_cache_matches_live(tiny_models, 
         assert metrics["read_corrected_positions"] == "every token"
         runs.append(list(losses))
     assert len(runs[0]) == 6 and runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"sequence_context": "none"}, {"sequence_context": "pooled"},
+                                     {"sequence_context": "mean"}, {"sequence_context": "segments"},
+                                     {"sequence_context": "pooled", "h0": "embeddings", "rnn_type": "lstm"}])
+def test_a_padded_batch_gets_the_corrections_of_its_rows_alone(options):
+    """With a mixer the recurrence runs on the real tokens only (packed); every real token's correction is the one
+    its row gets unpadded, whatever the sequence context."""
+    from readapt.read.side_network import pool_states, second_text_mask
+
+    config = ReadConfig(hidden_size=8, token_mixer_layers=1, token_mixer_heads=2, token_mixer_dropout=0.0,
+                        separator_token_id=2, **options)
+    torch.manual_seed(0)
+    side = ReadSideNetwork(12, config).eval()
+    torch.nn.init.normal_(side.up_projection.weight)
+    states, embeddings = torch.randn(3, 2, 6, 12), torch.randn(2, 6, 12)
+    ids = torch.tensor([[5, 6, 2, 7, 8, 9], [5, 2, 7, 0, 0, 0]])
+    mask = (ids != 0).long()
+
+    def delta(rows: slice, length: int) -> torch.Tensor:
+        part, part_mask = states[:, rows, :length].clone(), mask[rows, :length]
+        pooled = None
+        if config.sequence_context == "segments":
+            pooled = pool_states(part, part_mask, False, second_text_mask(ids[rows, :length], 2))
+        return side(part, embeddings[rows, :length].clone(), token_mask=part_mask, pooled_states=pooled)
+
+    with torch.no_grad():
+        padded, alone = delta(slice(0, 2), 6), delta(slice(1, 2), 3)
+    torch.testing.assert_close(padded[1, :3], alone[0], rtol=1e-5, atol=1e-5)

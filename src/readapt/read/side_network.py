@@ -265,6 +265,15 @@ class ReadSideNetwork(nn.Module):
                     pooled_states=None, mixer_mask=None) -> torch.Tensor:
         n_layers, batch, tokens, model_dim = layer_states.shape
         x = layer_states.view(n_layers, batch * tokens, model_dim)
+        # With a token mixer, the RNN runs on the real tokens alone (padding would only cost time; the mixer never
+        # attends to it); `real` None: on every position
+        real = None
+        if self.token_mixer is not None and mixer_mask is not None and self.encoder_context is None:
+            real = mixer_mask.reshape(-1).to(torch.bool)
+            real = None if bool(real.all()) else real
+        if real is not None:
+            x = x[:, real]
+        token_rows = x.shape[1]
         segments = None
         if self.segments_projection is not None:
             segments, pooled_states = pooled_states, None
@@ -275,19 +284,23 @@ class ReadSideNetwork(nn.Module):
         if segments is not None:  # how the two texts compare, added to every token's input (N, B, 1, r)
             whole, first, second = segments.unbind(dim=2)
             compared = self.segments_projection(torch.cat([whole, first * second, (first - second).abs()], dim=-1))
-            x = (x.view(n_layers, batch, tokens, -1) + compared.unsqueeze(2)).view(n_layers, batch * tokens, -1)
+            if real is None:
+                x = (x.view(n_layers, batch, tokens, -1) + compared.unsqueeze(2)).view(n_layers, batch * tokens, -1)
+            else:  # each real token gets its row's comparison
+                x = x + compared[:, torch.arange(batch, device=x.device).repeat_interleave(tokens)[real]]
         x = self.dropout(x)
 
         h0 = None
         if self.h0_projection is not None:
             h0 = self.h0_projection(embeddings.reshape(batch * tokens, model_dim))
+            h0 = h0 if real is None else h0[real]
         if self.encoder_context is not None and encoder_states is not None:
             # The decoder token's own top-layer state asks what it needs from the encoder.
             queries = x[-1, : batch * tokens].view(batch, tokens, -1)
             context = self.encoder_context(queries, encoder_states, encoder_mask).reshape(batch * tokens, -1)
             h0 = context if h0 is None else h0 + context
         if h0 is not None and pooled_states is not None:  # a pooled sequence starts from zeros
-            h0 = torch.cat([h0, h0.new_zeros(x.shape[1] - batch * tokens, h0.shape[-1])])
+            h0 = torch.cat([h0, h0.new_zeros(x.shape[1] - token_rows, h0.shape[-1])])
         if h0 is not None:
             h0 = h0.unsqueeze(0).expand(self.num_rnn_layers, -1, -1).contiguous()
             if isinstance(self.rnn, nn.LSTM):
@@ -295,6 +308,10 @@ class ReadSideNetwork(nn.Module):
 
         outputs, _ = self.rnn(x, h0)  # (N, B*T [+ pooled sequences], r)
         summary = outputs.mean(dim=0) if self.aggregation == "mean" else outputs[-1]
+        if real is not None:  # back to every position (zeros at padding), any pooled sequences after them
+            unpacked = summary.new_zeros(batch * tokens, summary.shape[-1])
+            unpacked[real] = summary[:token_rows]
+            summary = torch.cat([unpacked, summary[token_rows:]])
         if pooled_states is not None:
             pooled = summary[batch * tokens:].view(batch, pooled_states.shape[2], -1)  # (B, 1 or T, r)
             summary = (summary[: batch * tokens].view(batch, tokens, -1) + pooled).view(batch * tokens, -1)
