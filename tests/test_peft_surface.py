@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from conftest import VOCAB, make_batch, tiny_backbone, train_steps
+from conftest import VOCAB, generation_kwargs, make_batch, tiny_backbone, train_steps
 from readapt import (
     AutoReadModel,
     ConfigError,
@@ -125,15 +125,20 @@ def test_disable_adapter_gives_the_backbones_own_output_and_leaves_the_adapter_i
     assert model.get_base_model() is backbone
 
 
-def test_disable_adapter_on_a_causal_lm_generates_the_backbones_tokens():
-    backbone = tiny_backbone("llama")
+@pytest.mark.parametrize("kind", ["t5", "bart", "llama"])
+def test_disable_adapter_generates_the_backbones_tokens(kind):
+    """Also an encoder-decoder's: its encoder output, uncorrected, goes back to the backbone at every step."""
+    backbone = tiny_backbone(kind)
     untouched = copy.deepcopy(backbone)
     model = get_read_model(backbone, SMALL)
-    train_steps(model, make_batch("llama"), steps=3)
-    prompt = make_batch("llama")["input_ids"][:1, :4]
-    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-    with model.disable_adapter():
-        assert torch.equal(model.generate(prompt, **kwargs), untouched.generate(prompt, **kwargs))
+    train_steps(model, make_batch(kind), steps=3)
+    batch = make_batch(kind)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **generation_kwargs(kind)}
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model.generate(**inputs), untouched.generate(**inputs))
+            assert torch.equal(model(**batch).logits, untouched(**batch).logits)
+        assert not torch.equal(model(**batch).logits, untouched(**batch).logits)
 
 
 def test_base_model_is_reads_layer_over_the_backbone_not_berts_body():
