@@ -80,7 +80,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "non-UTF-8 text": (_custom(tmp_path / "d", "text,label\ncaf\xe9,1\n".encode("latin-1")),
                            "is not valid UTF-8"),
         "data path is a directory": (["--train-file", str(tmp_path), "--validation-file", str(tmp_path),
-                                      "--text-columns", "text"], "unsupported file type"),
+                                      "--text-columns", "text"], "is a directory, not a file"),
         "data file is a directory": (["--train-file", str(tmp_path / "dir.csv"), "--validation-file",
                                       str(_write(tmp_path / "v.csv", "text,label\nx,1\n")), "--text-columns", "text"],
                                      "is a directory"),

@@ -260,9 +260,10 @@ def test_set_list_delete_and_save(bert_adapters, tmp_path):
             assert model(**batch).logits.shape[-1] == 2 and model.backbone.num_labels == 2
         assert model.active_adapter == "three"
 
-    # save_pretrained writes the active adapter; loaded alone it gives the same outputs
+    # save_pretrained writes every adapter in PEFT's layout ("default" at the root, the others in sub-folders);
+    # loaded alone, each gives the same outputs
     model.save_pretrained(tmp_path / "saved")
-    assert torch.equal(_alone(_bert(folder, 3), tmp_path / "saved", batch), logits)
+    assert torch.equal(_alone(_bert(folder, 3), tmp_path / "saved" / "three", batch), logits)
 
     with pytest.raises(ConfigError, match="no adapter named 'nope'; loaded: default, three"):
         model.set_adapter("nope")
