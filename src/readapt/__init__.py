@@ -12,7 +12,9 @@ from readapt.version import __version__
 
 # The model classes import transformers and peft (seconds): loaded when first used, so that `readapt --help` and
 # what needs only the configs and errors start fast.
-_LAZY = {"AutoReadModel": "readapt.read.auto", "ReadModel": "readapt.read.model", "get_read_model": "readapt.read.model"}
+_LAZY = {"AutoReadModel": "readapt.read.auto", "ReadModel": "readapt.read.model", "get_read_model": "readapt.read.model",
+         "load_backbone": "readapt.pretrained", "train": "readapt.recipe", "TrainingConfig": "readapt.recipe",
+         "DataConfig": "readapt.recipe", "evaluate_adapter": "readapt.recipe"}
 
 
 def __getattr__(name: str):
@@ -25,12 +27,17 @@ def __getattr__(name: str):
 __all__ = [
     "AutoReadModel",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "IncompatibleAdapterError",
     "ReadConfig",
     "ReadModel",
     "ReadaptError",
+    "TrainingConfig",
     "UnsupportedModelError",
     "__version__",
+    "evaluate_adapter",
     "get_read_model",
+    "load_backbone",
+    "train",
 ]
