@@ -80,6 +80,11 @@ VARIANTS: dict[str, dict] = {
     "mix2-r128-scalarmix": _mixer(128, 2, recurrence="scalar-mix"),  # N parameters: depth-dependent ablation
     "every1-r128": _mixer(128, 1, mixer_place="every"),
     "mix4-r128": _mixer(128, 4),
+    "mix1-r64": _mixer(64, 1),
+    "mix2-r64-lr5e-4": _mixer(64, 2, lr=5e-4),
+    "mix2-r64-nodrop": _mixer(64, 2, dropout=0.0),
+    "mix2-r64-layerattn": _mixer(64, 2, recurrence="layer-attention"),
+    "every1-r64": _mixer(64, 1, mixer_place="every"),
 }
 
 
@@ -300,6 +305,41 @@ def run_one(name: str, task_name: str, samples: int, seed: int, args, loaded, st
     }
 
 
+def activation_memory(name: str, task_name: str, samples: int, seed: int, args, loaded, store: StateStore,
+                      batches: int = 20) -> dict:
+    """What one training step holds for backward: the bytes of the tensors autograd saves (max over the first
+    `batches` batches of epoch 1), and the parameters' training state (weights, gradients, AdamW's two moments:
+    16 bytes per parameter). A per-variant meter that the process's RSS (dominated by the loaded states) is not."""
+    spec = VARIANTS[name]
+    data = DataConfig(task=task_name, data_dir=args.data_dir, max_train_samples=samples,
+                      selection_fraction=args.selection_fraction)
+    task, train_examples, _ = load_task_data(data, seed)
+    train = _features(task, train_examples, store, loaded.tokenizer, args.max_length)
+    set_seed(seed)
+    model = Candidate(spec, loaded.model, task.num_labels, loaded.tokenizer.sep_token_id).train()
+    order = EpochShuffle(len(train), seed)
+    indices = list(order)
+    peak = 0
+    for first in range(0, min(len(indices), batches * args.batch_size), args.batch_size):
+        saved = [0]
+
+        def pack(tensor, saved=saved):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(*_batch([train[i] for i in indices[first: first + args.batch_size]],
+                                   loaded.tokenizer.sep_token_id))
+        logits.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+        peak = max(peak, saved[0])
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"variant": name, "task": task_name, "train_samples": samples, "seed": seed, "batch_size": args.batch_size,
+            "saved_activation_mb": peak / 2**20, "parameter_state_mb": 16 * parameters / 2**20,
+            "meter": f"bytes of the tensors autograd saves for backward, max over the first {batches} batches of "
+                     "epoch 1 (recompute off, as in this script); parameter state = 16 B per parameter"}
+
+
 # ---------------------------------------------------------------------------------------------- records
 def read_records(path: Path) -> list[dict]:
     if not path.is_file():
@@ -333,14 +373,20 @@ def full_reference(paths: list[Path]) -> dict[tuple[str, int], list[float]]:
     return scores
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def report(path: Path, full_paths: list[Path]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in read_records(path):
         if r.get("status") == "ok":
             groups.setdefault((r["task"], r["train_rows"], r["variant"]), []).append(r)
     full = full_reference(full_paths)
+    activations = {(r["variant"], r["task"], r["train_samples"]): r["saved_activation_mb"]
+                   for r in read_records(path.with_name("memory.jsonl"))}
     lines = ["| task | rows | variant | seeds | dev score | selection | READ − full | train CPU s | params | "
-             "peak RSS MiB (start) | cache B/example (replayed) |", "|---" * 11 + "|"]
+             "saved activations MiB/batch | cache B/example (replayed) |", "|---" * 11 + "|"]
     for (task, rows, variant), runs in sorted(groups.items()):
         dev = [r["score"] for r in runs]
         reference = full.get((task, rows))
@@ -351,7 +397,7 @@ def report(path: Path, full_paths: list[Path]) -> str:
             f"| {task} | {rows} | {variant} | {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
             f"{_mean_std(dev)} | {_mean_std([r['selection_score'] for r in runs])} | {gap} | "
             f"{statistics.mean(r['train_cpu_seconds'] for r in runs):.0f} | {runs[0]['trainable_parameters']:,} | "
-            f"{max(r['peak_memory_mb'] for r in runs):.0f} ({min(r['memory_at_start_mb'] for r in runs):.0f}) | "
+            f"{_number(activations.get((variant, task, runs[0]['train_samples'])), '.1f')} | "
             f"{cache['replayed']:,.0f} |")
     return "\n".join(lines)
 
@@ -386,6 +432,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                       str(REPO_ROOT / "docs/results/read-recipe-cpu/curve_full.jsonl")],
                         help="`readapt bench` full fine-tuning records for the READ − full column")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--memory", help="instead of training: measure each (variant, task, size) step's saved "
+                        "activations on the first seed and append them to this JSONL")
     args = parser.parse_args(argv)
     if args.list:
         for name, spec in VARIANTS.items():
@@ -424,6 +472,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     with open(log, "a", encoding="utf-8") as f:
                         f.write(json.dumps({**built, "threads": args.threads, "machine": machine()}) + "\n")
                     print(f"{task_name}: stored {built['examples']} inputs in {built['cpu_seconds']:.0f} CPU s", flush=True)
+                if args.memory:
+                    if seed == seeds[0]:
+                        with open(args.memory, "a", encoding="utf-8") as f:
+                            for name in variants:
+                                f.write(json.dumps(activation_memory(name, task_name, samples, seed, args, loaded,
+                                                                     store), sort_keys=True) + "\n")
+                    continue
                 for name in variants:
                     spec = VARIANTS[name]
                     key = (name, task_name, samples, seed, spec.get("epochs", args.epochs), args.patience)
