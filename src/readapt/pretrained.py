@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from readapt.errors import ReadaptError
-from readapt.settings import DECODER_HEADS
+from readapt.quantization import (
+    check_placement,
+    device_type_for,
+    is_quantized_dtype,
+    log_quantization,
+    plan_quantization,
+    quantize_dequantized,
+)
+from readapt.settings import BACKBONE_DTYPES, DECODER_HEADS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,6 +59,7 @@ class LoadedBackbone:
     text_to_text: bool  # the LM answers in words: encoder-decoder (T5 style) or a decoder-only causal LM
     source: str  # what the user asked for, resolved ("all-MiniLM-L6-v2 (<path>)", a Hub id, a folder)
     causal_lm: bool = False  # a decoder-only LM with its LM head: prompt, then the answer (readapt.encoding)
+    quantization: dict | None = None  # dtype int8/int4: backend, scheme, modules kept float (readapt.quantization)
 
 
 def _resolve(name_or_path: str | None) -> tuple[str, dict, str]:
@@ -80,7 +89,9 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
     backbones a causal LM (`decoder_head="label-words"`, or any `generation` task) or a sequence-classification
     model (`"classifier"`: a new head, trained); for encoder-only backbones a sequence-classification model.
     With no name, the embedded all-MiniLM-L6-v2. Any Hub id, local folder or .gguf file works.
-    `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them.
+    `dtype` ("float32", "bfloat16", "float16"): the weights' dtype; None: as transformers loads them. "int8" /
+    "int4": the frozen body's linear weights quantized by transformers' torchao or bitsandbytes integration, chosen
+    for the device (readapt.quantization); the task head, the LM head and the rest stay float32.
 
     Big backbones (frozen, forward-only: READ), through Accelerate's big-model loading (readapt.offload):
     `device_map` "auto" (GPUs, then CPU RAM, then disk), "cpu" (CPU RAM, then disk) or an explicit
@@ -109,14 +120,18 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ReadaptError(f"cannot load model {name_or_path!r}: {first_line}") from None
     kwargs = dict(extra)
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype)
+    if dtype is not None and dtype not in BACKBONE_DTYPES:
+        raise ReadaptError(f"backbone dtype {dtype!r}; allowed: {', '.join(BACKBONE_DTYPES)}")
+    quantize = dtype if is_quantized_dtype(dtype) else None
+    if dtype is not None:  # quantized: what stays unquantized (embeddings, norms, heads) loads as float32
+        kwargs["dtype"] = torch.float32 if quantize else getattr(torch, dtype)
+    load = _Loader(source, name_or_path, quantize, use_gpus)
     if getattr(config, "is_encoder_decoder", False):
         if device_map is not None:
             kwargs.update(_placement(AutoModelForSeq2SeqLM, config, device_map, max_memory, offload_folder,
                                      kwargs.get("dtype"), use_gpus))
-        model = _from_pretrained(AutoModelForSeq2SeqLM, source, name_or_path, kwargs)
-        return LoadedBackbone(model.eval(), tokenizer, True, description)
+        model = load(AutoModelForSeq2SeqLM, config, kwargs)
+        return LoadedBackbone(model.eval(), tokenizer, True, load.describe(description), quantization=load.recorded)
 
     if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; batches need one
         tokenizer.pad_token = tokenizer.eos_token
@@ -124,10 +139,11 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
         if device_map is not None:
             kwargs.update(_placement(AutoModelForCausalLM, config, device_map, max_memory, offload_folder,
                                      kwargs.get("dtype"), use_gpus))
-        model = _from_pretrained(AutoModelForCausalLM, source, name_or_path, kwargs)
+        model = load(AutoModelForCausalLM, config, kwargs)
         if model.generation_config.pad_token_id is None:  # generate() pads finished rows with it, quietly
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return LoadedBackbone(model.eval(), tokenizer, True, description, causal_lm=True)
+        return LoadedBackbone(model.eval(), tokenizer, True, load.describe(description), causal_lm=True,
+                              quantization=load.recorded)
     if generation:
         raise ReadaptError(f"model {name_or_path or DEFAULT_BACKBONE!r} is an encoder; a generation task needs a "
                            "decoder-only or encoder-decoder language model")
@@ -138,12 +154,12 @@ def load_backbone(name_or_path: str | None, num_labels: int, is_regression: bool
         kwargs.update(_placement(AutoModelForSequenceClassification, head_config, device_map, max_memory,
                                  offload_folder, kwargs.get("dtype"), use_gpus))
     # A checkpoint's own classification head of another size is replaced: the head is trained anyway.
-    model = _from_pretrained(AutoModelForSequenceClassification, source, name_or_path, dict(
+    model = load(AutoModelForSequenceClassification, config, dict(
         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **problem, **kwargs))
     if getattr(model.config, "sep_token_id", None) is None and tokenizer.sep_token_id is not None:
         # where a text pair's second text starts: READ's "segments" context reads it from here
         model.config.sep_token_id = tokenizer.sep_token_id
-    return LoadedBackbone(model.eval(), tokenizer, False, description)
+    return LoadedBackbone(model.eval(), tokenizer, False, load.describe(description), quantization=load.recorded)
 
 
 def _placement(auto_class, config, device_map, max_memory, offload_folder, dtype, use_gpus: bool) -> dict:
@@ -159,6 +175,35 @@ def _placement(auto_class, config, device_map, max_memory, offload_folder, dtype
     if offload_folder is not None:
         placement["offload_folder"] = str(offload_folder)
     return placement
+
+
+class _Loader:
+    """from_pretrained with the settings of one load_backbone call; with a quantized dtype, through the
+    quantization integration that readapt.quantization picks for the device (remembered for the record)."""
+
+    def __init__(self, source: str, name_or_path: str | None, quantize: str | None, use_gpus: bool):
+        self.source, self.name_or_path, self.quantize, self.use_gpus = source, name_or_path, quantize, use_gpus
+        self.quantization = None
+
+    def __call__(self, auto_class, config, kwargs: dict):
+        if self.quantize is None:
+            return _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
+        placed = kwargs.get("device_map")
+        self.quantization = plan_quantization(self.quantize, auto_class, config, device_type_for(placed, self.use_gpus))
+        check_placement(self.quantization, placed)
+        log_quantization(self.quantization)
+        if "gguf_file" in kwargs:  # transformers reads GGUF files dequantized, and quantizes none of them
+            model = _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
+            return quantize_dequantized(model, self.quantization, placed is not None)
+        kwargs = {**kwargs, **self.quantization.from_pretrained_kwargs(placed is not None)}
+        return _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
+
+    @property
+    def recorded(self) -> dict | None:
+        return None if self.quantization is None else self.quantization.to_dict()
+
+    def describe(self, description: str) -> str:
+        return description if self.quantization is None else f"{description}; {self.quantization.describe()}"
 
 
 def _from_pretrained(auto_class, source: str, name_or_path: str | None, kwargs: dict):

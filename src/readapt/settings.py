@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from readapt.errors import ConfigError
 
 # Weights of a frozen backbone (`readapt train --backbone-dtype`), and values in a feature cache (--cache-dtype).
-BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
+# int8 / int4: quantized by one of transformers' quantization integrations (readapt.quantization).
+QUANTIZED_BACKBONE_DTYPES = ("int8", "int4")
+BACKBONE_DTYPES = ("float32", "bfloat16", "float16", *QUANTIZED_BACKBONE_DTYPES)
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 # How a decoder-only backbone answers a classification or regression task: its own LM head ranks the label

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 logger = logging.getLogger("readapt")
 
@@ -24,6 +25,27 @@ _HEAD_ONLY_CONFIG = {"_name_or_path", "architectures", "id2label", "label2id", "
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().reshape(-1).contiguous().cpu()
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    """A weight's bytes. A quantized one (readapt.quantization) is hashed by what it computes with: torchao's
+    tensor subclass by its inner tensors (int8 data, scales) and settings; bitsandbytes' packed bytes with the
+    scales it keeps beside them (a 4-bit weight's quant_state, an 8-bit weight's SCB)."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, settings = tensor.__tensor_flatten__()
+        digest.update(f"{type(tensor).__name__}|{settings}\n".encode())
+        for name in names:
+            _hash_tensor(digest, getattr(tensor, name))
+        return
+    digest.update(_tensor_bytes(tensor))
+    state = getattr(tensor, "quant_state", None)
+    parts = dict(state.as_dict(packed=True)) if state is not None else {}
+    if isinstance(getattr(tensor, "SCB", None), torch.Tensor):
+        parts["SCB"] = tensor.SCB
+    for key in sorted(parts):
+        value = parts[key]
+        digest.update(f"|{key}|".encode())
+        digest.update(_tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode())
 
 
 def backbone_fingerprint(backbone: torch.nn.Module, head_modules: Sequence[str] = ()) -> str:
@@ -41,7 +63,7 @@ def backbone_fingerprint(backbone: torch.nn.Module, head_modules: Sequence[str] 
             from transformers.integrations.accelerate import load_offloaded_parameter
 
             tensor = load_offloaded_parameter(backbone, name)
-        digest.update(_tensor_bytes(tensor))
+        _hash_tensor(digest, tensor)
     config = {k: v for k, v in backbone.config.to_dict().items() if k not in _HEAD_ONLY_CONFIG}
     description = {"class": type(backbone).__name__, "config": config,
                    "attention": getattr(backbone.config, "_attn_implementation", None)}
