@@ -402,6 +402,36 @@ def report(path: Path, full_paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def plot_curve(path: Path, full_paths: list[Path], variants: list[str], out: Path, task: str = "sst2") -> None:
+    """Dev score (mean ± std over seeds) against training rows: the variants and full fine-tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for r in read_records(path):
+        if r.get("status") == "ok" and r["task"] == task and r["variant"] in variants:
+            series.setdefault(r["variant"], {}).setdefault(r["train_rows"], []).append(r["score"])
+    for (name, rows), scores in full_reference(full_paths).items():
+        if name == task:
+            series.setdefault("full fine-tuning", {})[rows] = scores
+    figure, axes = plt.subplots(figsize=(5.5, 3.6))
+    for label, points in series.items():
+        rows = sorted(points)
+        axes.errorbar(rows, [statistics.mean(points[n]) for n in rows], capsize=2, marker="o", label=label,
+                      yerr=[statistics.stdev(points[n]) if len(points[n]) > 1 else 0 for n in rows])
+    axes.set_xscale("log")
+    axes.set_xlabel(f"{task} training rows (20 % more held out for selection)")
+    axes.set_ylabel("GLUE dev accuracy at the selected epoch")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    partial = out.with_name(out.name + ".partial.png")
+    figure.savefig(partial, dpi=120)
+    partial.replace(out)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def _default_glue() -> str:
     return os.environ.get("READAPT_GLUE_DIR") or str(REPO_ROOT.parent / "shared" / "data" / "glue")
@@ -432,6 +462,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                       str(REPO_ROOT / "docs/results/read-recipe-cpu/curve_full.jsonl")],
                         help="`readapt bench` full fine-tuning records for the READ − full column")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--plot", help="with --report: draw the SST-2 learning curve of --variants and full "
+                        "fine-tuning to this .png")
     parser.add_argument("--memory", help="instead of training: measure each (variant, task, size) step's saved "
                         "activations on the first seed and append them to this JSONL")
     args = parser.parse_args(argv)
@@ -442,6 +474,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output = Path(args.output)
     if args.report:
         print(report(output, [Path(p) for p in args.full]))
+        if args.plot:
+            plot_curve(output, [Path(p) for p in args.full], [v.strip() for v in args.variants.split(",")], Path(args.plot))
         return []
     if args.smoke:
         args.variants, args.train_samples, args.seeds = "read-r64,mix1-r128", "40", "1"
