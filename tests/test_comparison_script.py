@@ -42,7 +42,7 @@ def test_smoke_run_writes_every_record_and_the_report(tmp_path, monkeypatch):
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     sweep = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert len(sweep) == 3 and len(curve) == 4  # read at two rates and bitfit at one; 2 sizes x 2 methods
+    assert len(sweep) == 3 and len(curve) == 2  # read at two rates and bitfit at one; the curve: read at 2 sizes
     assert {(r["phase"], r["method"]) for r in runs} == {(p, m) for p in ("small", "full") for m in ("read", "bitfit")}
     for record in runs + sweep + curve:
         assert set(record) >= FIELDS
