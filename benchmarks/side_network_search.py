@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="a few rows, 2 epochs, two variants: seconds")
     parser.add_argument("--report", action="store_true", help="print the table of --output and stop")
     parser.add_argument("--full", nargs="*", default=[str(REPO_ROOT / "docs/results/read-recipe-cpu/full_runs.jsonl"),
-                                                      str(REPO_ROOT / "docs/results/read-recipe-cpu/curve_full.jsonl")],
+                                                      str(REPO_ROOT / "docs/results/read-recipe-cpu/curve_full.jsonl"),
+                                                      str(REPO_ROOT / "docs/results/side-network-search/full_runs_8000.jsonl")],
                         help="`readapt bench` full fine-tuning records for the READ − full column")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot", help="with --report: draw the SST-2 learning curve of --variants and full "
