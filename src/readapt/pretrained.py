@@ -20,6 +20,7 @@ from readapt.quantization import (
     log_quantization,
     plan_quantization,
     quantize_dequantized,
+    release_checkpoint,
 )
 from readapt.settings import BACKBONE_DTYPES, DECODER_HEADS
 
@@ -196,7 +197,9 @@ class _Loader:
             model = _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
             return quantize_dequantized(model, self.quantization, placed is not None)
         kwargs = {**kwargs, **self.quantization.from_pretrained_kwargs(placed is not None)}
-        return _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
+        model = _from_pretrained(auto_class, self.source, self.name_or_path, kwargs)
+        release_checkpoint(model)
+        return model
 
     @property
     def recorded(self) -> dict | None:

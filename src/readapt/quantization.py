@@ -158,6 +158,27 @@ def quantize_dequantized(model, quantization: Quantization, placed: bool):
                                        **quantization.from_pretrained_kwargs(placed))
 
 
+def release_checkpoint(model) -> None:
+    """Copy the weights that stay float (embeddings, norms, heads) out of the checkpoint file. from_pretrained
+    memory-maps a safetensors file and leaves those weights as views into it; while one view lives the whole
+    mapping does, with every page that quantizing read, i.e. the float copy of the weights it replaced
+    (measured on a T5-base-size model: 899 MiB of file pages resident beside 284 MiB of quantized weights;
+    after the copy 143 MiB)."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():  # quantized weights are other types (tensor subclasses, bitsandbytes')
+            if type(param) is torch.nn.Parameter and param.device.type == "cpu":
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if type(buffer) is torch.Tensor and buffer.device.type == "cpu":
+                    module._buffers[name] = buffer.clone()
+    gc.collect()
+
+
 def log_quantization(quantization: Quantization) -> None:
     logger.info("backbone: %s, %s %s on %s; kept float: %s", quantization.describe(), quantization.backend,
                 _version(quantization.backend), quantization.device_type, ", ".join(quantization.kept_float))
