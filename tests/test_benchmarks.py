@@ -23,7 +23,7 @@ def _load(name: str):
 def test_memory_benchmark_runs_on_a_tiny_config(tmp_path, capsys):
     result = _load("memory").main(["--size", "tiny", "--batch-size", "4", "--source-length", "16", "--read-hidden-size", "8",
                                    "--json", str(tmp_path / "memory.json")])
-    assert set(result["runs"]) == {"inference", "read", "full"}
+    assert set(result["runs"]) == {"inference", "read", "full", "read-int8", "inference-int8"}  # int8 by default
     assert all(r["peak_bytes"] > 0 for r in result["runs"].values())
     assert result["runs"]["read"]["trainable_params"] < result["runs"]["full"]["trainable_params"]
     assert "READ/full =" in capsys.readouterr().out
