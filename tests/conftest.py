@@ -198,6 +198,24 @@ def _feature_cache_in_a_temporary_folder(tmp_path_factory):
         os.environ["READAPT_CACHE_DIR"] = previous
 
 
+@pytest.fixture
+def step_losses(monkeypatch) -> list[float]:
+    """Every training step's loss, in order (the training loop calls ReadModel.forward once per step)."""
+    from readapt.read.model import ReadModel
+
+    losses: list[float] = []
+    forward = ReadModel.forward
+
+    def recording(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            losses.append(output.loss.item())
+        return output
+
+    monkeypatch.setattr(ReadModel, "forward", recording)
+    return losses
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

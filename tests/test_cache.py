@@ -34,7 +34,7 @@ from readapt.errors import ConfigError
 from readapt.pretrained import load_backbone
 from readapt.read.cache import FeatureCache
 from readapt.read.config import ReadConfig
-from readapt.read.model import ReadModel, get_read_model
+from readapt.read.model import get_read_model
 from readapt.read.side_network import second_text_start
 from readapt.recipe import DataConfig, TrainingConfig, train
 
@@ -69,22 +69,6 @@ def _config(tmp_path: Path, model: Path, pairs: bool = False, **overrides) -> Tr
     )
     settings.update(overrides)
     return TrainingConfig(**settings)
-
-
-@pytest.fixture
-def step_losses(monkeypatch) -> list[float]:
-    """Every training step's loss, in order (the training loop calls ReadModel.forward once per step)."""
-    losses: list[float] = []
-    forward = ReadModel.forward
-
-    def recording(self, *args, **kwargs):
-        output = forward(self, *args, **kwargs)
-        if self.training:
-            losses.append(output.loss.item())
-        return output
-
-    monkeypatch.setattr(ReadModel, "forward", recording)
-    return losses
 
 
 def _train_losses(config: TrainingConfig, losses: list[float]) -> tuple[list[float], dict]:

@@ -209,23 +209,6 @@ def _task(folder: Path) -> DataConfig:
     return DataConfig(train_file=paths[0], validation_file=paths[1], text_columns=["text"])
 
 
-@pytest.fixture
-def step_losses(monkeypatch) -> list[float]:
-    from readapt.read.model import ReadModel
-
-    losses: list[float] = []
-    forward = ReadModel.forward
-
-    def recording(self, *args, **kwargs):
-        output = forward(self, *args, **kwargs)
-        if self.training:
-            losses.append(output.loss.item())
-        return output
-
-    monkeypatch.setattr(ReadModel, "forward", recording)
-    return losses
-
-
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_cache_on_int8_backbone_replays_the_live_losses(kind, tiny_models, tmp_path, step_losses):
     config = TrainingConfig(data=_task(tmp_path), model=str(tiny_models[kind]), epochs=2, batch_size=8,

@@ -195,12 +195,11 @@ def test_mixer_masks_padding_keys_and_never_leaves_a_query_without_one():
     assert side.token_mixer is None
 
 
-def test_training_with_a_mixer_from_the_feature_cache_matches_live(tiny_models, tmp_path, monkeypatch):
+def test_training_with_a_mixer_from_the_feature_cache_matches_live(tiny_models, tmp_path, step_losses):
     """`readapt train` with a token mixer on BERT: every token corrected (no [CLS]-only path), and the losses from a
     float32 feature cache (every token's states replayed) equal the live ones."""
     import json
 
-    from readapt.read.model import ReadModel
     from readapt.recipe import DataConfig, TrainingConfig, train
 
     for name, rows in (("train", 24), ("dev", 8)):
@@ -208,16 +207,7 @@ def test_training_with_a_mixer_from_the_feature_cache_matches_live(tiny_models, 
             for i in range(rows):
                 f.write(json.dumps({"text": " ".join(["good", "bad", "plot", "movie"][: 1 + i % 4] * (1 + i % 3)),
                                     "label": ["neg", "pos"][i % 2]}) + "\n")
-    losses: list[float] = []
-    forward = ReadModel.forward
-
-    def recording(self, *args, **kwargs):
-        output = forward(self, *args, **kwargs)
-        if self.training:
-            losses.append(output.loss.item())
-        return output
-
-    monkeypatch.setattr(ReadModel, "forward", recording)
+    losses = step_losses
     runs = []
     for cached in (False, True):
         losses.clear()

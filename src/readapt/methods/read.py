@@ -44,12 +44,12 @@ class ReadMethod(Method):
 
     def corrects_first_token_only(self, model: ReadModel, probe: dict[str, torch.Tensor]) -> bool:
         """An encoder whose task head reads [CLS] and nothing else (noise in every other position leaves the
-        logits bit for bit the same), and no sequence context that needs every token's RNN summary: the logits
+        logits bit for bit the same), and nothing that mixes the tokens (the "mean" context, a token mixer): the logits
         are then those of the full correction to float rounding, and the side network (and the feature cache)
         works on one position."""
         if model.info.family != ENCODER_ONLY or len(model.adapted_stacks) != 1:
             return False
-        if model.read_config.sequence_context == "mean" or model.read_config.couple_encoder:
+        if model.read_config.mixes_tokens or model.read_config.couple_encoder:
             return False
         device = next(p for p in model.parameters() if p.requires_grad).device
         was_training = model.training

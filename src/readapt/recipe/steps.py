@@ -121,6 +121,7 @@ class TrainRecipe:
         from transformers import get_linear_schedule_with_warmup
 
         config, accelerator = self.config, self.accelerator
+        self.no_cache = no_kv_cache(self.loaded.model)  # the forward arguments that keep no KV cache, once
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.parameters = TrainableCount(count_trainable(self.model), self.backbone_parameters)
         # One multi-tensor update over every trainable tensor (foreach) instead of a kernel chain per tensor.
@@ -219,7 +220,7 @@ class TrainRecipe:
             if self.causal:
                 loss = causal_lm_loss(self.model, batch)
             else:
-                loss = self.model(**batch, **no_kv_cache(self.loaded.model)).loss
+                loss = self.model(**batch, **self.no_cache).loss
         # What every process must agree on before the next collective: the loss (mean over processes), a stop
         # signal, a checkpoint falling due by the clock.
         shared = torch.stack([loss.detach().float(), loss.new_tensor(float(self.stop.signal is not None)),
