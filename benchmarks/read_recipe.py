@@ -38,10 +38,14 @@ from readapt.comparison.runner import read_results  # JSONL records; a torn last
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
 
-# name -> READ options (--method-option), learning rate, extra `readapt train` arguments. Defaults otherwise
-# (ReadConfig: GRU, r = 256, input projection, mean over layers, scaling 1, h0 zeros, no dropout, sequence context
-# "auto" = "segments" on this encoder; lr 1e-3).
+# name -> READ options (--method-option), learning rate, extra `readapt train` arguments, over BASE_OPTIONS: the
+# READ this search was run on (GRU, r = 256, no token mixer; readapt's defaults since are r by width and a token
+# mixer on encoders, docs/results/side-network-search/), so its committed records stay reproducible. Defaults
+# otherwise (input projection, mean over layers, scaling 1, h0 zeros, no dropout, sequence context "auto" =
+# "segments" on this encoder; lr 1e-3). "default": today's `readapt train` defaults, nothing pinned.
+BASE_OPTIONS = {"hidden_size": 256, "token_mixer_layers": 0}
 VARIANTS: dict[str, dict] = {
+    "default": {"options": {}, "base": False},
     "per-token": {"options": {"sequence_context": "none"}},
     "mean": {"options": {"sequence_context": "mean"}},
     "pooled": {"options": {"sequence_context": "pooled"}},
@@ -90,7 +94,8 @@ def _command(variant: str, task: str, seed: int, args, output: Path) -> list[str
                "--output-dir", str(output), "--overwrite", "--no-progress", "--no-checkpoints"]
     if args.model:
         command += ["--model", args.model]
-    for key, value in spec.get("options", {}).items():
+    options = {**(BASE_OPTIONS if spec.get("base", True) else {}), **spec.get("options", {})}
+    for key, value in options.items():
         command += ["--method-option", f"{key}={json.dumps(value)}"]
     if "lr" in spec:
         command += ["--lr", str(spec["lr"])]

@@ -144,7 +144,7 @@ def test_first_token_replay_equals_the_full_correction(options, tiny_models, tmp
     """A BERT head reads [CLS]: replaying position 0 only (and, for the pooled context, each layer's mean over the
     example's tokens) with the model correcting [CLS] alone gives the loss and gradients of the live model with
     the full correction (float32 cache; to float rounding: the matrix products run on fewer rows)."""
-    model, loaded = _read_model(tiny_models["bert"], ReadConfig(hidden_size=16, **options))
+    model, loaded = _read_model(tiny_models["bert"], ReadConfig(hidden_size=16, token_mixer_layers=0, **options))
     features = _features(loaded, pairs=True)
     collator = Collator(loaded.tokenizer.pad_token_id, False, False)
     cache = FeatureCache(model, loaded.tokenizer, max_length=24, text_to_text=False, directory=tmp_path, dtype="float32")
@@ -183,7 +183,7 @@ def test_training_corrects_cls_alone_with_the_losses_of_the_full_correction(cont
     from readapt.recipe.steps import TrainRecipe
 
     config = _config(tmp_path, tiny_models["bert"], pairs=context == "segments",
-                     method_options={"hidden_size": 16, "sequence_context": context})
+                     method_options={"hidden_size": 16, "sequence_context": context, "token_mixer_layers": 0})
     first, metrics = _train_losses(config, step_losses)
     assert metrics["read_corrected_positions"].startswith("first token")
     monkeypatch.setattr(TrainRecipe, "_corrects_first_token_only", lambda *args: False)

@@ -147,3 +147,20 @@ def test_head_of_another_size_is_refused(tmp_path):
     other.classifier = torch.nn.Linear(32, 5)
     with pytest.raises(IncompatibleAdapterError, match=r"head\.classifier\.(weight|bias) has shape \(3"):
         ReadModel.from_pretrained(other, tmp_path)
+
+
+def test_hidden_size_auto_follows_the_backbone_width(tmp_path):
+    """hidden_size=None: the width / 6 rounded up to a multiple of 32, within [64, 512]; the saved adapter holds
+    the number, so loading it builds the same side network whatever the default becomes."""
+    from readapt.read.config import auto_hidden_size
+
+    widths = (32, 384, 512, 576, 768, 1024, 4096)
+    assert [auto_hidden_size(d) for d in widths] == [64, 64, 96, 96, 128, 192, 512]
+    assert ReadConfig().hidden_size is None
+    assert ReadConfig().resolved_for("encoder-decoder", width=768).hidden_size == 128
+    assert ReadConfig(hidden_size=16).resolved_for("encoder-only", width=768).hidden_size == 16
+    model = get_read_model(tiny_backbone("bert"), ReadConfig())
+    assert model.read_config.hidden_size == 64 and model.read["encoder"].rnn.hidden_size == 64
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert saved["config"]["hidden_size"] == 64

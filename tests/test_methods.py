@@ -66,7 +66,12 @@ HEAD = (D * D + D) + (LABELS * D + LABELS)
 def test_trainable_parameters_match_hand_computed_values():
     r = 8  # READ: input projection d->r, GRU (3 gates: 3r(r) + 3r(r) + 2*3r biases), up-projection r->d
     read = (D * r + r) + (3 * r * r + 3 * r * r + 2 * 3 * r) + (r * D + D)
-    assert count_trainable(_prepare("read", "bert")) == read + HEAD
+    # the token mixer (auto: 2 layers on an encoder): attention in (3r x r) and out (r x r) projections, a
+    # feed-forward r -> 2r -> r, two LayerNorms (weight and bias), all with biases; then one more LayerNorm
+    mixer_layer = (3 * r * r + 3 * r) + (r * r + r) + (r * 2 * r + 2 * r) + (2 * r * r + r) + 2 * 2 * r
+    assert count_trainable(_prepare("read", "bert")) == read + 2 * mixer_layer + 2 * r + HEAD
+    no_mixer = get_method("read").prepare(tiny_backbone("bert"), {**SMALL_OPTIONS["read"], "token_mixer_layers": 0})
+    assert count_trainable(no_mixer) == read + HEAD
 
     rank = 8  # LoRA on query and value of each layer: A (rank x d) + B (d x rank)
     assert count_trainable(get_method("lora").prepare(tiny_backbone("bert"), {})) == LAYERS * 2 * 2 * rank * D + HEAD

@@ -23,8 +23,11 @@ from readapt.recipe import DataConfig, TrainingConfig
 from readapt.task_spec import TASK_FILE, TaskSpec, read_task_file, write_task_file
 from readapt.tasks import get_task
 
-SMALL = ReadConfig(hidden_size=16)
-OTHER = ReadConfig(hidden_size=8, rnn_type="lstm", h0="embeddings", aggregation="last")
+# [CLS]-only passes need adapters without a token mixer (it makes [CLS]'s correction depend on every token);
+# MIXED has the default one (auto: 2 layers on an encoder), so the shared pass is checked with it too.
+SMALL = ReadConfig(hidden_size=16, token_mixer_layers=0)
+MIXED = ReadConfig(hidden_size=16)
+OTHER = ReadConfig(hidden_size=8, rnn_type="lstm", h0="embeddings", aggregation="last", token_mixer_layers=0)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -88,7 +91,7 @@ class LayerCounter:
 @pytest.fixture(scope="module")
 def bert_adapters(tmp_path_factory) -> tuple[Path, dict[str, Path], dict]:
     """A tiny BERT and three adapters trained a few steps on it: 2 labels (GRU), 3 labels (LSTM, h0 from the
-    embeddings, last-layer aggregation) and 2 labels again (GRU, another seed)."""
+    embeddings, last-layer aggregation) and 2 labels again (GRU and the default token mixer, another seed)."""
     root = tmp_path_factory.mktemp("multi")
     folder = _tiny_bert_folder(root / "bert")
     batch = {k: v for k, v in make_batch("bert", batch=4, length=9).items() if k != "labels"}
@@ -96,7 +99,7 @@ def bert_adapters(tmp_path_factory) -> tuple[Path, dict[str, Path], dict]:
     _train_and_save(_bert(folder, 2), SMALL, _labelled(batch, 2), adapters["two"])
     _train_and_save(_bert(folder, 3), OTHER, _labelled(batch, 3), adapters["three"])
     torch.manual_seed(7)
-    _train_and_save(_bert(folder, 2), SMALL, _labelled(batch, 2), adapters["two-b"], steps=6)
+    _train_and_save(_bert(folder, 2), MIXED, _labelled(batch, 2), adapters["two-b"], steps=6)
     return folder, adapters, batch
 
 
@@ -197,7 +200,7 @@ def test_pooled_context_adapters_share_a_cls_only_pass(bert_adapters, tmp_path):
     pooled = {"p1": tmp_path / "p1", "p2": tmp_path / "p2"}
     for seed, directory in enumerate(pooled.values()):
         torch.manual_seed(seed)
-        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context="pooled"),
+        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context="pooled", token_mixer_layers=0),
                         _labelled(batch, 2), directory)
     model = ReadModel.from_pretrained(_bert(folder, 2), pooled["p1"], adapter_name="p1")
     model.load_adapter(pooled["p2"], "p2")
@@ -220,7 +223,7 @@ def test_segments_context_adapters_share_a_cls_only_pass(bert_adapters, tmp_path
     directories = {"seg": tmp_path / "seg", "pool": tmp_path / "pool"}
     for seed, (name, context) in enumerate((("seg", "segments"), ("pool", "pooled"))):
         torch.manual_seed(seed)
-        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context=context,
+        _train_and_save(_bert(folder, 2), ReadConfig(hidden_size=16, sequence_context=context, token_mixer_layers=0,
                                                      separator_token_id=separator), _labelled(batch, 2), directories[name])
     model = ReadModel.from_pretrained(_bert(folder, 2), directories["seg"], adapter_name="seg")
     model.load_adapter(directories["pool"], "pool")
@@ -357,7 +360,7 @@ def predict_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
     code = main(["train", "--train-file", str(root / "train.jsonl"), "--validation-file", str(root / "dev.jsonl"),
                  "--text-columns", "sentence", "--label-column", "topic", "--model", str(tiny_models["bert"]),
                  "--output-dir", str(root / "topic"), "--epochs", "1", "--batch-size", "6", "--max-length", "32",
-                 "--read-hidden-size", "16", "--no-progress"])
+                 "--read-hidden-size", "16", "--read-token-mixer-layers", "0", "--no-progress"])
     assert code == 0
     made["topic"] = root / "topic" / "adapter"
     return made

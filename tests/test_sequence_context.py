@@ -250,7 +250,7 @@ def test_pooled_context_by_hand(causal):
 def test_context_corrects_cls_alone(context):
     """A BERT classifier reads [CLS]: with the pooled / segments context, correcting [CLS] alone (the means taken
     over every real token) gives the full correction's logits (shared passes: tests/test_multi_adapter.py)."""
-    model = get_read_model(tiny_backbone("bert"), _config(context))
+    model = get_read_model(tiny_backbone("bert"), _config(context, token_mixer_layers=0))  # a mixer reads every token
     _randomise_up_projections(model)
     model.eval()
     torch.manual_seed(3)

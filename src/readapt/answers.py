@@ -99,14 +99,15 @@ def _causal_candidate_scores(model, batch: dict, candidates: Candidates) -> torc
 
 # Methods whose model continues a KV cache exactly as it computes a whole sequence: the backbone's own layers
 # (full, LoRA, BitFit, adapters) or READ's per-token correction. Not prompt tuning (peft owns the cache's
-# virtual-token prefix), LST (its side network keeps no cache) or READ with a running-mean sequence context.
+# virtual-token prefix), LST (its side network keeps no cache) or READ with a running-mean sequence context or a token mixer.
 _CACHE_SAFE_METHODS = ("lora", "bitfit", "adapter")
 
 
 def _can_continue_a_kv_cache(model) -> bool:
     inner = getattr(model, "module", model)
     if isinstance(inner, ReadModel):
-        return inner.read_config.sequence_context == "none"
+        config = inner.read_config  # a running mean or a token mixer needs every earlier token at each step
+        return config.sequence_context == "none" and not config.token_mixer_layers
     metadata = inner.__dict__.get("readapt_metadata")
     if metadata is None:  # full fine-tuning (the backbone itself) or a plain transformers model
         return hasattr(inner, "config") and not _prompt_learning(inner)

@@ -176,8 +176,8 @@ class Predictor:
     def _heads_read_first_token(self) -> bool:
         if self.text_to_text or len(self.model.adapted_stacks) != 1:
             return False
-        if any(config.sequence_context == "mean" for config in self.model.adapter_configs.values()):
-            return False  # [CLS]'s correction then depends on every token's RNN summary
+        if any(config.mixes_tokens for config in self.model.adapter_configs.values()):
+            return False  # [CLS]'s correction then depends on every token's RNN summary (mean context, token mixer)
         probe = self.tokenizer(PROBE, padding=True, return_tensors="pt")
         inputs = {key: probe[key].to(self.device) for key in ("input_ids", "attention_mask")}
         for name in self.names:

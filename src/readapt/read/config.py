@@ -23,9 +23,21 @@ H0_MODES = ("zeros", "embeddings")
 SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled", "segments")
 STACK_NAMES = ("encoder", "decoder")
 # token_mixer_layers=None ("auto") on an encoder-only backbone (ReadConfig.resolved_for); 0 elsewhere: decoder-only
-# stacks keep KV-cache generation, and no T5 weights were available to measure it on
-# (docs/results/side-network-search/: all-MiniLM-L6-v2, GLUE).
-AUTO_TOKEN_MIXER_LAYERS = 0  # TEMPORARY while the token mixer is being wired in (issue 19)
+# stacks keep KV-cache generation, and no T5 weights were available to measure it on. Two layers at r = 64 closed
+# half of the gap to full fine-tuning that READ without it opened with data (docs/results/side-network-search/:
+# all-MiniLM-L6-v2, GLUE, 400-8,000 SST-2 rows).
+AUTO_TOKEN_MIXER_LAYERS = 2
+# hidden_size=None ("auto"): the backbone's width / 6, rounded up to a multiple of 32, within [64, 512]. On the
+# 384-wide default backbone r = 64 matched r = 256 (docs/results/read-recipe-cpu/, ablation) and is the token
+# mixer's measured width; the side network's FLOPs then stay a small share of the backbone's at every width.
+AUTO_HIDDEN_DIVISOR, AUTO_HIDDEN_MULTIPLE, AUTO_HIDDEN_RANGE = 6, 32, (64, 512)
+
+
+def auto_hidden_size(width: int) -> int:
+    """The side network's width r for a backbone `width` d wide when ReadConfig.hidden_size is None (auto)."""
+    low, high = AUTO_HIDDEN_RANGE
+    return min(high, max(low, math.ceil(width / AUTO_HIDDEN_DIVISOR / AUTO_HIDDEN_MULTIPLE) * AUTO_HIDDEN_MULTIPLE))
+
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
@@ -44,7 +56,9 @@ class ReadConfig:
     """
 
     # Every field's help text is in its metadata (PEFT-style); the CLI's READ flags are generated from it.
-    hidden_size: int = field(default=256, metadata={"help": "RNN hidden size r (the side network's width)"})
+    hidden_size: int | None = field(default=None, metadata={
+        "help": "the side network's width r (RNN hidden size); None: auto = the backbone width / 6 rounded up to a "
+                "multiple of 32, within [64, 512] (64 on a 384-wide backbone, 128 on a 768-wide one)"})
     rnn_type: str = field(default="gru", metadata={
         "help": "the recurrent cell across the layers; mlp = the non-recurrent ablation", "choices": RNN_TYPES})
     num_rnn_layers: int = field(default=1, metadata={"help": "stacked RNN layers"})
@@ -128,13 +142,15 @@ class ReadConfig:
         for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens", "token_mixer_heads",
                      "token_mixer_ffn_multiple"):
             value = getattr(self, name)
+            if name == "hidden_size" and value is None:
+                continue  # auto: resolved against the backbone's width (resolved_for)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")
         layers = self.token_mixer_layers
         if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
             raise ConfigError(f"ReadConfig.token_mixer_layers={layers!r} is invalid; it must be an integer >= 0 "
                               "(0: no token mixer) or None (auto)")
-        if layers and self.hidden_size % self.token_mixer_heads:
+        if layers and self.hidden_size is not None and self.hidden_size % self.token_mixer_heads:
             raise ConfigError(f"ReadConfig.token_mixer_heads={self.token_mixer_heads} does not divide hidden_size="
                               f"{self.hidden_size}: every attention head needs an equal share of the width")
         value = self.token_mixer_dropout
@@ -175,12 +191,14 @@ class ReadConfig:
         mixer): the side network must then run on every token, never on [CLS] (or any position) alone."""
         return self.sequence_context == "mean" or bool(self.token_mixer_layers)
 
-    def resolved_for(self, family: str, separator_token_id: int | None = None) -> ReadConfig:
-        """This config with sequence_context="auto" and token_mixer_layers=None replaced by what they mean for a
-        backbone `family` (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and, for
-        "segments", the separator filled in from `separator_token_id` (the backbone's) when not set; saved adapters
-        hold the result."""
+    def resolved_for(self, family: str, separator_token_id: int | None = None, width: int | None = None) -> ReadConfig:
+        """This config with sequence_context="auto", token_mixer_layers=None and hidden_size=None replaced by what
+        they mean for a backbone `family` (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and
+        `width` (its hidden size d) and, for "segments", the separator filled in from `separator_token_id` (the
+        backbone's) when not set; saved adapters hold the result."""
         config = self
+        if config.hidden_size is None and width is not None:
+            config = dataclasses.replace(config, hidden_size=auto_hidden_size(width))
         if config.token_mixer_layers is None:
             layers = AUTO_TOKEN_MIXER_LAYERS if family == "encoder-only" else 0
             config = dataclasses.replace(config, token_mixer_layers=layers)

@@ -78,7 +78,8 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
         # sequence_context="auto", and the separator token of "segments": the config's (readapt's loader copies the
         # tokenizer's into it), else the tokenizer's saved with the backbone, so a backbone loaded by hand gets the
         # READ model that `readapt train` builds on it
-        config = config.resolved_for(info.family, separator_token_id(backbone, info.family, config))
+        config = config.resolved_for(info.family, separator_token_id(backbone, info.family, config),
+                                     width=info.stacks[-1].hidden_size)
         self.backbone = backbone
         self.read_config = config
         self.info: BackboneInfo = info

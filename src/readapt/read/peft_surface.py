@@ -161,7 +161,8 @@ class PeftSurface:
         if adapter_name in self.named_adapters:
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded; delete it first or pick another name")
         config = peft_config.resolved_for(self.info.family, separator_token_id(self.backbone, self.info.family,
-                                                                              peft_config))
+                                                                              peft_config),
+                                          width=self.info.stacks[-1].hidden_size)
         heads = self._select_heads(self.backbone, self.info, config)
         self._check_same_attachment(config, {"head_modules": heads}, repr(adapter_name))
         read = self._side_networks(config).to(next(self.read.parameters()).device)

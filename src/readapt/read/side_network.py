@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from readapt.errors import ConfigError
-from readapt.read.config import ReadConfig
+from readapt.read.config import ReadConfig, auto_hidden_size
 
 
 class LayerwiseMLP(nn.Module):
@@ -164,7 +164,7 @@ class ReadSideNetwork(nn.Module):
         `num_layers`, the stack's layer count, for the "mlp" ablation (one weight set per layer)."""
         super().__init__()
         self.causal = causal
-        r = config.hidden_size
+        r = config.hidden_size or auto_hidden_size(model_dim)  # None: not resolved by ReadModel (a network built alone)
         self.eps = config.rms_norm_eps
         self.scaling = config.scaling
         self.aggregation = config.aggregation
