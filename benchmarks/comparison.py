@@ -17,6 +17,10 @@ re-running the command continues where it stopped):
   report   docs/results/comparison/: runs.jsonl (small + full), sweep.jsonl, curve.jsonl (one JSON object per run),
            table.md (mean ± std), learning_curve.png, pareto_cpu.png, pareto_memory.png.
 
+Progress survives a fresh clone: after every matrix the finished cells' raw records are written to
+docs/results/comparison/records.jsonl (--records), and before a matrix runs the cells recorded there are put back
+into its results file, so a commit of that file lets a later checkout continue where this one stopped.
+
 Protocol (every phase): a seeded random subset of the training split, of which SELECTION_FRACTION is held out as
 the selection split that picks the epoch; GLUE dev reported at that epoch; the same epoch budget for every
 method (EPOCHS_SMALL at <= 2,000 rows, EPOCHS_FULL above); READ with its feature cache (what `readapt train`
@@ -32,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from readapt.comparison.runner import BenchConfig, read_results, run_bench
+from readapt.comparison.runner import BenchConfig, cell_key, read_results, run_bench
 from readapt.io import atomic_write_bytes, atomic_write_text
 
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
@@ -106,6 +110,45 @@ def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
             epochs=epochs_small if rows <= 2000 else epochs_full,
             learning_rates={m: lrs[m] for m in CURVE_METHODS if m in lrs}, **common))
     return phases
+
+
+def _bench_name(config: BenchConfig, work: Path) -> str:
+    return Path(config.output_dir).relative_to(work).as_posix()
+
+
+def restore_records(config: BenchConfig, work: Path, saved: list[dict]) -> int:
+    """Put this matrix's cells finished in an earlier checkout (records.jsonl) back into its results file."""
+    path = Path(config.output_dir) / "results.jsonl"
+    have = {cell_key(r) for r in read_results(path) if r.get("status") == "ok"}
+    missing = [r for r in saved if r.get("bench") == _bench_name(config, work) and cell_key(r) not in have]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({k: v for k, v in r.items() if k != "bench"}, sort_keys=True) + "\n"
+                            for r in missing))
+    return len(missing)
+
+
+def save_records(phases: dict[str, list[BenchConfig]], work: Path, saved: list[dict], path: Path) -> list[dict]:
+    """Every finished cell's raw record (those of matrices not planned now kept as they were), atomically."""
+    records = []
+    for configs in phases.values():
+        for config in configs:
+            records += [{**r, "bench": _bench_name(config, work)} for r in ok_records([config])]
+    have = {(r["bench"], cell_key(r)) for r in records}
+    records += [r for r in saved if (r.get("bench"), cell_key(r)) not in have]  # not (yet) restored, or unplanned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, records)
+    return records
+
+
+def run_matrices(configs: list[BenchConfig], phases: dict[str, list[BenchConfig]], work: Path, saved: list[dict],
+                 records_path: Path, progress: bool) -> list[dict]:
+    for config in configs:
+        restore_records(config, work, saved)
+        run_bench(config, progress=progress)
+        saved = save_records(phases, work, saved, records_path)
+    return saved
 
 
 def ok_records(configs: list[BenchConfig]) -> list[dict]:
@@ -233,25 +276,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", choices=("all", "sweep", "small", "full", "curve", "report"), default="all")
     parser.add_argument("--work", default="runs/comparison", help="the bench matrices (adapters, logs, records)")
     parser.add_argument("--out", default="docs/results/comparison", help="where the report goes")
+    parser.add_argument("--records", default=None, help="the finished cells' raw records, restored on start and "
+                        "rewritten after every matrix (default: OUT/records.jsonl; commit it to keep progress)")
     parser.add_argument("--data-dir", default=os.environ.get("READAPT_GLUE_DIR") or os.environ.get("GLUE_DIR"),
                         help="the GLUE TSV folder (default: $READAPT_GLUE_DIR, else $GLUE_DIR)")
     parser.add_argument("--smoke", action="store_true", help="a few rows of one task and two methods (CI)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
+    records_path = Path(args.records) if args.records else out / "records.jsonl"
+    saved = read_results(records_path)
     phases = plan(work, args.smoke, None, args.data_dir)
     wanted = ("sweep", "small", "full", "curve") if args.phase == "all" else (args.phase,)
+    for config in phases["sweep"]:  # the sweep's records decide the rates, whichever phase runs
+        restore_records(config, work, saved)
     if "sweep" in wanted:
-        for config in phases["sweep"]:
-            run_bench(config, progress=args.progress)
+        saved = run_matrices(phases["sweep"], phases, work, saved, records_path, args.progress)
     chosen = choose_learning_rates(ok_records(phases["sweep"]))
     sweep_done = len(ok_records(phases["sweep"])) == sum(len(c.tasks) for c in phases["sweep"])
     if sweep_done:
         phases = plan(work, args.smoke, chosen, args.data_dir)
+        for phase in ("small", "full", "curve"):  # all restored before any runs (each save rewrites the file)
+            for config in phases[phase]:
+                restore_records(config, work, saved)
         for phase in ("small", "full", "curve"):
             if phase in wanted:
-                for config in phases[phase]:
-                    run_bench(config, progress=args.progress)
+                saved = run_matrices(phases[phase], phases, work, saved, records_path, args.progress)
     elif args.phase not in ("sweep", "report"):
         print("comparison: the learning-rate sweep is not finished; run --phase sweep first", file=sys.stderr)
     counts = report(phases, out, chosen if sweep_done else None)

@@ -55,3 +55,13 @@ def test_smoke_run_writes_every_record_and_the_report(tmp_path, monkeypatch):
     assert "| read |" in table and "| bitfit |" in table
     for name in ("learning_curve.png", "pareto_cpu.png", "pareto_memory.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # A fresh checkout (no work folder) with the committed records.jsonl: nothing runs again, the report is the same.
+    import shutil
+
+    import readapt.comparison.runner as runner
+
+    shutil.rmtree(tmp_path / "work")
+    before = {name: (out / name).read_text() for name in ("runs.jsonl", "sweep.jsonl", "curve.jsonl", "table.md")}
+    monkeypatch.setattr(runner, "_run_cell", lambda spec: pytest.fail(f"re-ran a recorded cell: {spec['run_dir']}"))
+    assert script.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--no-progress"]) == 0
+    assert {name: (out / name).read_text() for name in before} == before
