@@ -5,8 +5,10 @@ one resumable command (docs/results/comparison/README.md says what it measured a
     python benchmarks/comparison.py --phase report      # the report only, from the records so far
     python benchmarks/comparison.py --smoke --work /tmp/c --out /tmp/c/report   # seconds: the CI smoke test
 
-Phases, in order (each a set of `readapt bench` matrices under --work, every cell a fresh process, resumable;
-re-running the command continues where it stopped):
+Phases (each a set of `readapt bench` matrices under --work, one per method, every cell a fresh process,
+resumable; re-running the command continues where it stopped). They run method by method, in the order of
+METHODS (READ, full fine-tuning, LoRA first): a method's sweep, then its small, curve and full cells at the rate
+its sweep chose, so each method's results are complete before the next one starts:
 
   sweep    learning rates: every method at 1,000 training rows on SST-2 and MRPC, seed 1, three rates around
            its default; the rate with the best mean *selection* score (never the dev score) is the method's.
@@ -65,7 +67,9 @@ def drawn_rows(trained: int) -> int:
 
 def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
          data_dir: str | None = None) -> dict[str, list[BenchConfig]]:
-    """The bench matrices of every phase; `chosen_lr` (from the sweep) fixes the rates of the later phases."""
+    """The bench matrices of every phase, one per method (and task, or size), so that a method's results are
+    complete as soon as its own cells are; `chosen_lr` (the methods whose sweep is done) fixes the rates of the
+    later phases, which hold only those methods."""
     common = {"selection_fraction": SELECTION_FRACTION, "cache_features": True, "jobs": 1, "threads_per_job": 1,
               "cpu": True, "data_dir": data_dir}
     tasks, methods, seeds = TASKS, METHODS, SEEDS
@@ -87,29 +91,31 @@ def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
                 output_dir=str(work / "sweep" / f"{method}-lr{lr:g}"), tasks=[t for t in SWEEP_TASKS if t in tasks]
                 or list(tasks[:1]), methods=[method], seeds=[1], max_train_samples=small, epochs=epochs_small,
                 learning_rates={method: lr}, **common))
-    if chosen_lr is None:
-        return phases
-    for size, rows, epochs in (("small", small, epochs_small), ("full", None, epochs_full)):
-        seeded = [m for m in methods if m in MAIN_SEEDED[size]]
-        rest = [m for m in methods if m not in MAIN_SEEDED[size]]
-        for group, group_seeds in ((seeded, seeds), (rest, seeds[:1])):
-            if not group:
-                continue
+    for method in (m for m in methods if m in lrs):
+        for size, rows, epochs in (("small", small, epochs_small), ("full", None, epochs_full)):
+            method_seeds = list(seeds if method in MAIN_SEEDED[size] else seeds[:1])
             for task in tasks:
                 limit = rows if size == "small" else (sst2_full if task == "sst2" else full_rows)
                 phases[size].append(BenchConfig(
-                    output_dir=str(work / size / f"{task}-{'-'.join(group)}"), tasks=[task], methods=group,
-                    seeds=list(group_seeds), max_train_samples=limit, epochs=epochs,
-                    learning_rates={m: lrs[m] for m in group}, **common))
-    for rows in curve_rows:
-        few = rows <= 1600
-        phases["curve"].append(BenchConfig(
-            output_dir=str(work / "curve" / f"sst2-{rows}"), tasks=["sst2"],
-            methods=[m for m in CURVE_METHODS if m in methods] or list(methods[:1]),
-            seeds=list(seeds if few else seeds[:1]), max_train_samples=drawn_rows(rows),
-            epochs=epochs_small if rows <= 2000 else epochs_full,
-            learning_rates={m: lrs[m] for m in CURVE_METHODS if m in lrs}, **common))
+                    output_dir=str(work / size / f"{task}-{method}"), tasks=[task], methods=[method],
+                    seeds=method_seeds, max_train_samples=limit, epochs=epochs,
+                    learning_rates={method: lrs[method]}, **common))
+        if method in CURVE_METHODS:
+            for rows in curve_rows:
+                phases["curve"].append(BenchConfig(
+                    output_dir=str(work / "curve" / f"sst2-{rows}-{method}"), tasks=["sst2"], methods=[method],
+                    seeds=list(seeds if rows <= 1600 else seeds[:1]), max_train_samples=drawn_rows(rows),
+                    epochs=epochs_small if rows <= 2000 else epochs_full, learning_rates={method: lrs[method]},
+                    **common))
     return phases
+
+
+def method_order(phases: dict[str, list[BenchConfig]]) -> list[str]:
+    return list(dict.fromkeys(c.methods[0] for c in phases["sweep"]))
+
+
+def of_method(configs: list[BenchConfig], method: str) -> list[BenchConfig]:
+    return [c for c in configs if c.methods == [method]]
 
 
 def _bench_name(config: BenchConfig, work: Path) -> str:
@@ -156,13 +162,24 @@ def ok_records(configs: list[BenchConfig]) -> list[dict]:
             if r.get("status") == "ok" and r.get("kind") == "run"]
 
 
-def choose_learning_rates(sweep: list[dict]) -> dict[str, float] | None:
-    """Each method's rate with the best mean selection score over the sweep tasks; None until the sweep is done."""
+def choose_learning_rates(sweep: list[dict]) -> dict[str, float]:
+    """Each method's rate with the best mean selection score over the sweep tasks (the dev score picks nothing)."""
     by_method: dict[str, dict[float, list[float]]] = {}
     for record in sweep:
         by_method.setdefault(record["method"], {}).setdefault(record["learning_rate"], []).append(
             record["selection_score"])
     return {m: max(rates, key=lambda lr: statistics.mean(rates[lr])) for m, rates in by_method.items()}
+
+
+def finished_sweeps(phases: dict[str, list[BenchConfig]]) -> dict[str, float]:
+    """The chosen rate of every method whose sweep cells have all finished."""
+    done = {}
+    for method in method_order(phases):
+        configs = of_method(phases["sweep"], method)
+        records = ok_records(configs)
+        if len(records) == sum(len(c.tasks) for c in configs):
+            done[method] = choose_learning_rates(records)[method]
+    return done
 
 
 def row(record: dict, phase: str) -> dict:
@@ -256,7 +273,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def report(phases: dict[str, list[BenchConfig]], out: Path, chosen_lr: dict[str, float] | None) -> dict[str, int]:
+def report(phases: dict[str, list[BenchConfig]], out: Path, chosen_lr: dict[str, float]) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     runs = [row(r, p) for p in ("small", "full") for r in ok_records(phases[p])]
     sweep = [row(r, "sweep") for r in ok_records(phases["sweep"])]
@@ -286,25 +303,30 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     records_path = Path(args.records) if args.records else out / "records.jsonl"
     saved = read_results(records_path)
-    phases = plan(work, args.smoke, None, args.data_dir)
     wanted = ("sweep", "small", "full", "curve") if args.phase == "all" else (args.phase,)
-    for config in phases["sweep"]:  # the sweep's records decide the rates, whichever phase runs
-        restore_records(config, work, saved)
-    if "sweep" in wanted:
-        saved = run_matrices(phases["sweep"], phases, work, saved, records_path, args.progress)
-    chosen = choose_learning_rates(ok_records(phases["sweep"]))
-    sweep_done = len(ok_records(phases["sweep"])) == sum(len(c.tasks) for c in phases["sweep"])
-    if sweep_done:
-        phases = plan(work, args.smoke, chosen, args.data_dir)
-        for phase in ("small", "full", "curve"):  # all restored before any runs (each save rewrites the file)
-            for config in phases[phase]:
-                restore_records(config, work, saved)
-        for phase in ("small", "full", "curve"):
+    everything = plan(work, args.smoke, {m: 0.0 for m in METHODS}, args.data_dir)  # every matrix, for restoring
+    for configs in everything.values():  # all restored before any runs (each save rewrites the file)
+        for config in configs:
+            restore_records(config, work, saved)
+    # Method by method (READ first): its sweep, then its cells at the rate the sweep chose.
+    for method in method_order(everything):
+        if "sweep" in wanted:
+            saved = run_matrices(of_method(everything["sweep"], method), everything, work, saved, records_path,
+                                 args.progress)
+        chosen = finished_sweeps(plan(work, args.smoke, None, args.data_dir))
+        if method not in chosen:
+            if args.phase not in ("sweep", "report"):
+                print(f"comparison: {method}'s learning-rate sweep is not finished; run --phase sweep first",
+                      file=sys.stderr)
+            continue
+        phases = plan(work, args.smoke, {method: chosen[method]}, args.data_dir)
+        for phase in ("small", "curve", "full"):
             if phase in wanted:
-                saved = run_matrices(phases[phase], phases, work, saved, records_path, args.progress)
-    elif args.phase not in ("sweep", "report"):
-        print("comparison: the learning-rate sweep is not finished; run --phase sweep first", file=sys.stderr)
-    counts = report(phases, out, chosen if sweep_done else None)
+                saved = run_matrices(phases[phase], everything, work, saved, records_path, args.progress)
+    chosen = finished_sweeps(everything)
+    phases = plan(work, args.smoke, chosen, args.data_dir)
+    save_records(everything, work, saved, records_path)
+    counts = report(phases, out, chosen)
     print(f"comparison: {counts['runs']} runs, {counts['sweep']} sweep runs, {counts['curve']} curve runs -> {out}")
     return 0
 

@@ -7,8 +7,11 @@ from readapt.errors import (
     ReadaptError,
     UnsupportedModelError,
 )
+from readapt.quiet_imports import mute_import_noise
 from readapt.read.config import ReadConfig
 from readapt.version import __version__
+
+mute_import_noise()  # before anything imports transformers' model code (and with it torchao / bitsandbytes)
 
 # The model classes import transformers and peft (seconds): loaded when first used, so that `readapt --help` and
 # what needs only the configs and errors start fast.
