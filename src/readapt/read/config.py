@@ -123,11 +123,17 @@ class ReadConfig:
     head_modules: list[str] | None = field(default=None, metadata={
         "help": "backbone modules trained alongside READ (task heads); None: detect newly added heads "
                 "(classifier / score / ...); [] trains READ alone"})
-    recompute: bool = field(default=True, metadata={
-        "help": "recompute the side network during backward instead of keeping its activations (keeps the "
-                "training peak close to inference)"})
-    recompute_chunk_tokens: int = field(default=256, metadata={
-        "help": "tokens per recomputed chunk: bounds the side network's activation memory during backward"})
+    # recompute=None ("auto"; the string "auto" means the same): decided per training call from the device's free
+    # memory (readapt.read.recompute): one fused RNN call over every token when the side network's activations fit,
+    # else recomputed in backward in chunks as large as the memory allows. Not a property of the adapter: it changes
+    # nothing but memory and time (the gradients are the same).
+    recompute: bool | None = field(default=None, metadata={
+        "help": "recompute the side network during backward instead of keeping its activations (bounds its "
+                "activation memory to one chunk; costs a second forward of it); unset (None): auto = only when the "
+                "device's free memory cannot hold its activations (probed at the first training step)"})
+    recompute_chunk_tokens: int | None = field(default=None, metadata={
+        "help": "tokens per recomputed chunk: bounds the side network's activation memory during backward; unset "
+                "(None): auto = as many as the free memory allows (256 with recompute=True)"})
     rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of the RMS normalisation of the states"})
     method: str = field(default="read", init=False)
 
@@ -142,8 +148,8 @@ class ReadConfig:
         for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens", "token_mixer_heads",
                      "token_mixer_ffn_multiple"):
             value = getattr(self, name)
-            if name == "hidden_size" and value is None:
-                continue  # auto: resolved against the backbone's width (resolved_for)
+            if name in ("hidden_size", "recompute_chunk_tokens") and value is None:
+                continue  # auto: resolved against the backbone's width (resolved_for) / the free memory
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")
         layers = self.token_mixer_layers
@@ -162,7 +168,12 @@ class ReadConfig:
             raise ConfigError(f"ReadConfig.dropout={self.dropout!r} is invalid; it must be a number in [0, 1)")
         if not isinstance(self.rms_norm_eps, (int, float)) or not self.rms_norm_eps > 0:
             raise ConfigError(f"ReadConfig.rms_norm_eps={self.rms_norm_eps!r} is invalid; it must be > 0")
-        for name in ("input_projection", "couple_encoder", "encoder_context", "recompute"):
+        if self.recompute == "auto":
+            self.recompute = None
+        if self.recompute is not None and not isinstance(self.recompute, bool):
+            raise ConfigError(f"ReadConfig.recompute={self.recompute!r} is invalid; allowed values: true, false, "
+                              "None or 'auto' (decided from the free memory)")
+        for name in ("input_projection", "couple_encoder", "encoder_context"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ReadConfig.{name}={getattr(self, name)!r} is invalid; allowed values: true, false")
         if self.separator_token_id is not None and (isinstance(self.separator_token_id, bool)

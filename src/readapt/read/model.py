@@ -171,6 +171,8 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
                                         num_layers=stack.num_layers)
             for stack in self.adapted_stacks
         })
+        for name, network in read.items():
+            network.recompute_policy.label = f"{name} side network"
         # A backbone dispatched by Accelerate (split / offloaded): the device of the final hidden state.
         return read.to(side_network_device(self.backbone, self.adapted_stacks[-1].module))
 
@@ -425,6 +427,12 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
         for name in self.head_module_names:
             self.backbone.get_submodule(name).train(mode)
         return self
+
+    def recompute_summary(self) -> dict[str, dict]:
+        """Per adapted stack, what the active adapter's side network chose about recomputing its activations in
+        backward (readapt.read.recompute): the setting, the first training call's decision and the figures it came
+        from, and the training calls per kind of decision. metrics.json records it."""
+        return {name: network.recompute_policy.summary() for name, network in self.read.items()}
 
     # ---------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

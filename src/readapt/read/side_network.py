@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from readapt.errors import ConfigError
 from readapt.read.config import ReadConfig, auto_hidden_size
+from readapt.read.recompute import RecomputePolicy
 
 
 class LayerwiseMLP(nn.Module):
@@ -168,9 +169,9 @@ class ReadSideNetwork(nn.Module):
         self.eps = config.rms_norm_eps
         self.scaling = config.scaling
         self.aggregation = config.aggregation
-        self.recompute = config.recompute
-        self.chunk_tokens = config.recompute_chunk_tokens
+        self.recompute_policy = RecomputePolicy(config.recompute, config.recompute_chunk_tokens)
         self.num_rnn_layers = config.num_rnn_layers
+        self.model_dim, self.hidden_size, self.rnn_type = model_dim, r, config.rnn_type
         self.sequence_context = config.sequence_context
         self.separator_token_id = config.separator_token_id
         if causal and config.sequence_context == "segments":
@@ -242,15 +243,21 @@ class ReadSideNetwork(nn.Module):
         sequences = layer_states.shape[1] * layer_states.shape[2]  # one RNN sequence per token (and pooled row)
         if pooled_states is not None and self.sequence_context == "pooled":
             sequences += pooled_states.shape[1] * pooled_states.shape[2]
-        # Recomputation bounds the activations alive at once to one chunk; a batch within one chunk (e.g. [CLS]
-        # alone) keeps them at that bound anyway, so it would only run the RNN twice.
-        if not (self.recompute and self.training and torch.is_grad_enabled()) or sequences <= self.chunk_tokens:
+        # Whether to recompute (readapt.read.recompute): only a training call has activations to keep, and only
+        # when they do not fit (recompute=None) or always (True). A call within one chunk (e.g. [CLS] alone) keeps
+        # them at that bound anyway, so it would only run the RNN twice.
+        plan = None
+        if self.training and torch.is_grad_enabled():
+            encoder_tokens = None if encoder_states is None else encoder_states.shape[1]
+            per_token = self.activation_bytes_per_token(layer_states.shape[0], layer_states.shape[2], encoder_tokens)
+            plan = self.recompute_policy.plan(sequences, per_token, layer_states.device)
+        if plan is None or not plan.recompute:
             return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states,
                                     mixer_mask)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
         # the chunk, whatever the batch size.
-        rows = max(1, self.chunk_tokens // layer_states.shape[2])
+        rows = max(1, plan.chunk_tokens // layer_states.shape[2])
         deltas = []
         for start in range(0, layer_states.shape[1], rows):
             part = slice(start, start + rows)
@@ -260,6 +267,38 @@ class ReadSideNetwork(nn.Module):
                 None if pooled_states is None else pooled_states[:, part], _rows(mixer_mask, part), use_reentrant=False,
             ))
         return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
+
+    def activation_bytes_per_token(self, num_layers: int, tokens_per_row: int, encoder_tokens: int | None = None) -> int:
+        """About what autograd keeps per token (RNN sequence) for backward when this side network runs without
+        recompute, from its shapes: `num_layers` layer steps, rows of `tokens_per_row` tokens (the token mixer's
+        attention grows with them), a decoder's `encoder_tokens` (encoder context). The per-step factors of the
+        recurrent cells were counted on torch's CPU kernels with saved-tensor hooks (GRU about 8 r floats per layer
+        step, the oneDNN LSTM 18 r, a plain RNN and the MLP ablation under 2 r); tests/test_recompute_policy.py
+        checks that this estimate stays above what is saved and within 3 times of it."""
+        n, d, r = num_layers, self.model_dim, self.hidden_size
+        rnn_input = r if self.input_projection is not None else d
+        floats = 0
+        if self.token_mixer is not None or self.sequence_context == "pooled":
+            floats += n * d  # the RNN's input is a copy (real tokens picked out, pooled rows appended), not a view
+        if self.input_projection is not None:
+            floats += n * rnn_input
+        if self.segments_projection is not None:
+            floats += n * rnn_input + 3 * d
+        if self.dropout.p > 0:
+            floats += 2 * n * rnn_input
+        per_step = {"gru": 8, "lstm": 18, "rnn": 2, "mlp": 2}[self.rnn_type]
+        floats += self.num_rnn_layers * (per_step + 1) * n * r
+        floats += 4 * r  # aggregation, sequence context, dropout of the summary
+        if self.h0_projection is not None:
+            floats += d + r
+        if self.encoder_context is not None and encoder_tokens:
+            floats += 6 * r + 3 * encoder_tokens + d  # query, attention weights over the encoder tokens, output
+        if self.token_mixer is not None:
+            ffn = self.token_mixer.layers[0].linear1.out_features
+            per_layer = 12 * r + 3 * ffn + 4 * self.token_mixer.heads * tokens_per_row  # attention weights, masks
+            floats += len(self.token_mixer.layers) * per_layer + 2 * r
+        floats += r + d  # the up-projection's input and output
+        return floats * self.up_projection.weight.element_size()
 
     def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None,
                     pooled_states=None, mixer_mask=None) -> torch.Tensor:

@@ -349,6 +349,10 @@ class TrainRecipe:
             # READ: whether the side network corrected [CLS] alone (the head reads nothing else) or every token
             "read_corrected_positions": None if not self.method.corrects_positions else
             "first token only (the head reads nothing else)" if self.first_token else "every token",
+            # READ: whether its side network kept its activations or recomputed them in backward (and in chunks of
+            # how many tokens), decided from the free memory unless set (ReadConfig.recompute)
+            "read_recompute": (self.unwrapped.recompute_summary() if hasattr(self.unwrapped, "recompute_summary")
+                               else None),
             # --cache-features: where the entries are, their size on disk, whether this run reused them, build time
             "feature_cache": self.feature_cache.summary() if self.feature_cache is not None else None,
         }
