@@ -1,5 +1,15 @@
 """readapt: fine-tune frozen transformers with READ (REcurrent ADaptation)."""
 
+import os
+import sys
+
+if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime starts
+    # OpenMP threads that wait for work spin by default. On a machine where other processes compete for the cores
+    # the spinning threads take the time slices the working ones need: with 2 threads on a loaded 2-core CPU a READ
+    # epoch replayed from the feature cache cost 94 CPU s spinning and 5.3 CPU s sleeping (126 s vs 6 s wall;
+    # docs/memory-and-speed.md). Waiting threads sleep unless the user chose otherwise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from readapt.errors import (
     ConfigError,
     DataError,
