@@ -220,14 +220,14 @@ def test_unreadable_data_file(tiny_models, tmp_path, capsys, monkeypatch):
     """Permission denied (simulated: the tests run as root, which reads anything)."""
     import builtins
 
-    from readapt.tasks import _io
+    from readapt.tasks import files
 
     def guarded_open(path, *args, **kwargs):
         if str(path).endswith("train.tsv"):
             raise PermissionError(13, "Permission denied", str(path))
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(_io, "open", guarded_open, raising=False)
+    monkeypatch.setattr(files, "open", guarded_open, raising=False)
     glue = tmp_path / "glue"
     _write(glue / "SST-2" / "train.tsv", SST_HEADER + "fine\t1\n")
     _write(glue / "SST-2" / "dev.tsv", SST_HEADER + "good\t1\n")

@@ -8,8 +8,8 @@ import gzip
 import pytest
 
 from readapt.errors import DataError
-from readapt.tasks._io import read_lines
 from readapt.tasks.custom import load_custom_task
+from readapt.tasks.files import read_lines
 
 
 @pytest.mark.parametrize("name, content, line", [

@@ -56,7 +56,7 @@ from readapt.read.model import ReadModel
 from readapt.settings import GenerationSettings
 from readapt.task_spec import TaskSpec, read_task_file
 from readapt.tasks import Example
-from readapt.tasks._io import delimited_records, jsonl_records, quote_value
+from readapt.tasks.files import delimited_records, jsonl_records, quote_value
 
 INPUT_FORMATS = (".csv", ".tsv", ".jsonl")
 OUTPUT_FORMATS = (".csv", ".jsonl")

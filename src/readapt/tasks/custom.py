@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from readapt.errors import DataError
-from readapt.tasks._io import delimited_records, delimiter_hint, jsonl_records, quote_value
 from readapt.tasks.base import Example, Task
+from readapt.tasks.files import delimited_records, delimiter_hint, jsonl_records, quote_value
 
 TaskType = Literal["auto", "classification", "regression", "generation"]
 _TASK_TYPES = ("auto", "classification", "regression", "generation")

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from readapt.errors import DataError
-from readapt.tasks._io import delimiter_hint, quote_value, read_lines
 from readapt.tasks.base import STSB_MAX_SCORE, STSB_MIN_SCORE, Example, Task
+from readapt.tasks.files import delimiter_hint, quote_value, read_lines
 
 GLUE_DIR_ENV = "GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
