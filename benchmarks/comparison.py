@@ -6,9 +6,10 @@ one resumable command (docs/results/comparison/README.md says what it measured a
     python benchmarks/comparison.py --smoke --work /tmp/c --out /tmp/c/report   # seconds: the CI smoke test
 
 Phases (each a set of `readapt bench` matrices under --work, one per method, every cell a fresh process,
-resumable; re-running the command continues where it stopped). They run method by method, in the order of
-METHODS (READ, full fine-tuning, LoRA first): a method's sweep, then its small, curve and full cells at the rate
-its sweep chose, so each method's results are complete before the next one starts:
+resumable; re-running the command continues where it stopped). They run in three stages, method by method
+within each in the order of METHODS (READ, full fine-tuning, LoRA first), so the cheaper tables fill first:
+every method's sweep and then its 1,000-row cells at the rate its sweep chose; then the learning curve; then
+the full training sets:
 
   sweep    learning rates: every method at 1,000 training rows on SST-2 and MRPC, seed 1, three rates around
            its default; the rate with the best mean *selection* score (never the dev score) is the method's.
@@ -308,21 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     for configs in everything.values():  # all restored before any runs (each save rewrites the file)
         for config in configs:
             restore_records(config, work, saved)
-    # Method by method (READ first): its sweep, then its cells at the rate the sweep chose.
-    for method in method_order(everything):
-        if "sweep" in wanted:
-            saved = run_matrices(of_method(everything["sweep"], method), everything, work, saved, records_path,
-                                 args.progress)
-        chosen = finished_sweeps(plan(work, args.smoke, None, args.data_dir))
-        if method not in chosen:
-            if args.phase not in ("sweep", "report"):
-                print(f"comparison: {method}'s learning-rate sweep is not finished; run --phase sweep first",
-                      file=sys.stderr)
-            continue
-        phases = plan(work, args.smoke, {method: chosen[method]}, args.data_dir)
-        for phase in ("small", "curve", "full"):
-            if phase in wanted:
-                saved = run_matrices(phases[phase], everything, work, saved, records_path, args.progress)
+    # Stage by stage, method by method within a stage (READ first): every method's sweep and 1,000-row cells,
+    # then the learning curve, then the full training sets (the costliest), each at the rate its sweep chose.
+    for stage in (("sweep", "small"), ("curve",), ("full",)):
+        for method in method_order(everything):
+            if "sweep" in stage and "sweep" in wanted:
+                saved = run_matrices(of_method(everything["sweep"], method), everything, work, saved, records_path,
+                                     args.progress)
+            chosen = finished_sweeps(plan(work, args.smoke, None, args.data_dir))
+            if method not in chosen:
+                if "sweep" in stage and args.phase not in ("sweep", "report"):
+                    print(f"comparison: {method}'s learning-rate sweep is not finished; run --phase sweep first",
+                          file=sys.stderr)
+                continue
+            phases = plan(work, args.smoke, {method: chosen[method]}, args.data_dir)
+            for phase in stage:
+                if phase != "sweep" and phase in wanted:
+                    saved = run_matrices(phases[phase], everything, work, saved, records_path, args.progress)
     chosen = finished_sweeps(everything)
     phases = plan(work, args.smoke, chosen, args.data_dir)
     save_records(everything, work, saved, records_path)
