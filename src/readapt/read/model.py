@@ -56,7 +56,12 @@ from readapt.read.attach import StackAttachment
 from readapt.read.cache import CachedCall
 from readapt.read.capture import READ_ENCODER_STATES, LayerCapture, earlier_tokens_cached
 from readapt.read.config import ReadConfig
-from readapt.read.peft_surface import PeftSurface, as_peft_model, check_adapter_folder
+from readapt.read.peft_surface import (
+    PeftSurface,
+    as_peft_model,
+    check_adapter_folder,
+    refuse_compiled_backbone,
+)
 from readapt.read.precision import PrecisionPolicy
 from readapt.read.shared_pass import SharedPass
 from readapt.read.side_network import ReadSideNetwork, pool_states
@@ -74,6 +79,7 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
         nn.Module.__init__(self)  # not PeftModel's, which builds one of PEFT's own tuners
         if not isinstance(config, ReadConfig):
             raise ConfigError(f"config must be a ReadConfig, got {type(config).__name__}")
+        refuse_compiled_backbone(backbone)
         info = describe_backbone(backbone)
         # sequence_context="auto", and the separator token of "segments": the config's (readapt's loader copies the
         # tokenizer's into it), else the tokenizer's saved with the backbone, so a backbone loaded by hand gets the

@@ -225,6 +225,7 @@ class PeftSurface:
         def model_key(key: str) -> str:  # "head.<module>.<tensor>" lives at "backbone.<module>.<tensor>"
             return key if key.startswith("read.") else "backbone." + key.removeprefix("head.")
 
+        state_dict = {_uncompiled_key(key): value for key, value in state_dict.items()}
         keys = {key: model_key(key) for key in self.adapter_state_dict()}
         missing = sorted(k for k in keys.values() if k not in state_dict)
         if missing:
@@ -253,6 +254,24 @@ class PeftSurface:
     def supports_lora_conversion(self, adapter_name: str = DEFAULT_ADAPTER) -> bool:
         """False: a READ adapter is no weight delta, so no LoRA can stand for it."""
         return False
+
+
+COMPILED_PREFIX = "_orig_mod."  # where torch.compile's OptimizedModule keeps the module it compiled
+
+
+def _uncompiled_key(key: str) -> str:
+    """A state-dict key of `torch.compile(model)` (or of a model with compiled sub-modules) as the model names it."""
+    return key.replace(COMPILED_PREFIX, "") if COMPILED_PREFIX in key else key
+
+
+def refuse_compiled_backbone(backbone: nn.Module) -> None:
+    """READ hooks the backbone's own layers and trains its head modules by name; through a torch.compile wrapper it
+    would find no head to train and record no backbone source, so READ is attached first and the ReadModel compiled."""
+    if isinstance(backbone.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module):
+        raise ConfigError(f"the backbone is a torch.compile wrapper ({type(backbone).__name__}): READ hooks the "
+                          "backbone's own layers and trains its head by name, which the wrapper hides; attach READ to "
+                          "the uncompiled backbone and compile the READ model instead (torch.compile(model), "
+                          "model.compile(), or TrainingArguments(torch_compile=True))")
 
 
 def adapter_folder_problem(directory: Path) -> str | None:
