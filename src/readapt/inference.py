@@ -54,7 +54,8 @@ from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
 from readapt.io import atomic_write_text
 from readapt.read.model import ReadModel
 from readapt.settings import GenerationSettings
-from readapt.task_spec import TaskSpec, read_task_file
+from readapt.task_overrides import TaskOverrides, adapter_task
+from readapt.task_spec import TaskSpec
 from readapt.tasks import Example
 from readapt.tasks.files import delimited_records, jsonl_records, quote_value
 
@@ -68,6 +69,10 @@ class AdapterEntry:
     name: str  # its prediction column
     directory: Path
     spec: TaskSpec
+    columns: tuple[str, ...] = ()  # the input columns read for the task's text fields, in their order
+
+    def __post_init__(self) -> None:
+        self.columns = tuple(self.columns) or self.spec.input_columns
 
 
 @dataclass
@@ -77,6 +82,10 @@ class AdapterGroup:
     spec: TaskSpec  # the first adapter's (they share the input)
     names: list[str] = field(default_factory=list)
     candidates: Candidates | None = None  # text-to-text: the answers ranked for every adapter of the group
+    columns: tuple[str, ...] = ()  # the input columns the group reads (default: the task's text fields)
+
+    def __post_init__(self) -> None:
+        self.columns = tuple(self.columns) or self.spec.input_columns
 
 
 def default_name(directory: str | Path) -> str:
@@ -85,8 +94,10 @@ def default_name(directory: str | Path) -> str:
     return path.parent.name if path.name == ADAPTER_DIR and path.parent.name else path.name
 
 
-def adapter_entries(directories: Sequence[str | Path], names: Sequence[str] | None = None) -> list[AdapterEntry]:
-    """Name and check every adapter before anything is loaded: READ only, with a task file, distinct names."""
+def adapter_entries(directories: Sequence[str | Path], names: Sequence[str] | None = None,
+                    overrides: TaskOverrides | None = None) -> list[AdapterEntry]:
+    """Name and check every adapter before anything is loaded: READ only, with a task (its task.json, `overrides`
+    applied), distinct names."""
     if not directories:
         raise ConfigError("name at least one adapter with --adapter DIR")
     if names and len(names) != len(directories):
@@ -102,7 +113,8 @@ def adapter_entries(directories: Sequence[str | Path], names: Sequence[str] | No
                 f"only, which leave the backbone untouched and so can share its pass; a {metadata['method']} adapter "
                 "changes what the backbone computes (score it alone with `readapt eval`)")
         name = names[position] if names else default_name(directory)
-        entries.append(AdapterEntry(name, directory, read_task_file(directory)))
+        spec, columns = adapter_task(directory, metadata, overrides)
+        entries.append(AdapterEntry(name, directory, spec, columns))
     seen: dict[str, Path] = {}
     for entry in entries:
         if entry.name in seen:
@@ -134,10 +146,10 @@ class Predictor:
     they correct every token as in training."""
 
     def __init__(self, adapters: Sequence[str | Path], model: str | None = None, names: Sequence[str] | None = None,
-                 cpu: bool = False, head_only: bool = True):
+                 cpu: bool = False, head_only: bool = True, overrides: TaskOverrides | None = None):
         from readapt.pretrained import load_backbone
 
-        self.entries = adapter_entries(adapters, names)
+        self.entries = adapter_entries(adapters, names, overrides)
         first = self.entries[0]
         loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression,
                                decoder_head="label-words" if first.spec.text_to_text else "classifier",
@@ -160,13 +172,13 @@ class Predictor:
 
         groups: dict[tuple, AdapterGroup] = {}
         for entry in self.entries:
-            key = entry.spec.input_key()
+            key = (*entry.spec.input_key(), entry.columns)
             if entry.spec.task.is_generation:  # each adapter writes its own tokens: nothing to share
                 key += (entry.name,)
             if key not in groups:
                 candidates = (candidates_for(entry.spec.task, self.tokenizer, causal=self.causal)
                               if self.text_to_text and not entry.spec.task.is_generation else None)
-                groups[key] = AdapterGroup(entry.spec, candidates=candidates)
+                groups[key] = AdapterGroup(entry.spec, candidates=candidates, columns=entry.columns)
             groups[key].names.append(entry.name)
         self.groups = list(groups.values())
         self.specs = {entry.name: entry.spec for entry in self.entries}
@@ -195,13 +207,13 @@ class Predictor:
         """Every column some adapter reads, in order of first use."""
         columns: list[str] = []
         for entry in self.entries:
-            columns.extend(c for c in entry.spec.input_columns if c not in columns)
+            columns.extend(c for c in entry.columns if c not in columns)
         return columns
 
     def needs(self, column: str) -> str:
         """Which adapters read a column (for error messages)."""
-        users = [f"{e.name!r} ({e.spec.task.name}: {', '.join(e.spec.input_columns)})"
-                 for e in self.entries if column in e.spec.input_columns]
+        users = [f"{e.name!r} ({e.spec.task.name}: {', '.join(e.columns)})"
+                 for e in self.entries if column in e.columns]
         return ", ".join(users)
 
     def predict_batch(self, rows: Sequence[dict[str, str]], shared: bool = True) -> dict[str, list]:
@@ -222,7 +234,7 @@ class Predictor:
             wanted = [name for name in group.names if names is None or name in names]
             if not wanted:
                 continue
-            batch = self._batch(group.spec, rows)
+            batch = self._batch(group.spec, rows, group.columns)
             if group.spec.task.is_generation:
                 settings = GenerationSettings(**(group.spec.generation or {}))
                 for name in wanted:
@@ -255,10 +267,12 @@ class Predictor:
                 predictions[name].extend(values)
         return predictions
 
-    def _batch(self, spec: TaskSpec, rows: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+    def _batch(self, spec: TaskSpec, rows: Sequence[dict[str, str]], columns: Sequence[str] | None = None
+               ) -> dict[str, torch.Tensor]:
         # Placeholder labels: encode builds the same token ids as in training and evaluation.
         label = "" if spec.task.is_generation else 0.0 if spec.task.is_regression else 0
-        examples = [Example(tuple(row[c] for c in spec.input_columns), label, i) for i, row in enumerate(rows)]
+        columns = columns or spec.input_columns
+        examples = [Example(tuple(row[c] for c in columns), label, i) for i, row in enumerate(rows)]
         features = encode(spec.task, examples, self.tokenizer, spec.max_length, spec.text_to_text, spec.causal_lm)
         batch = Collator(self.tokenizer.pad_token_id, spec.text_to_text, spec.task.is_regression,
                          causal=spec.causal_lm, with_answers=False)(features)
@@ -363,19 +377,23 @@ def _cell(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- the command
 def run_predict(adapters: Sequence[str | Path], input_file: str | Path, output: str | Path | None = None,
                 model: str | None = None, names: Sequence[str] | None = None, batch_size: int = 64,
-                cpu: bool = False, progress: bool = True) -> dict[str, Any]:
+                cpu: bool = False, progress: bool = True, task: str | None = None,
+                text_columns: Sequence[str] | None = None, max_length: int | None = None) -> dict[str, Any]:
     """`readapt predict`: read the input, predict with every adapter, write the output (atomically) or stdout.
+    Each adapter's task, input columns, labels, prompt and max length come from its task.json; `task`,
+    `text_columns` and `max_length` override them for every adapter (TaskOverrides).
     Returns a summary (rows, adapters, groups = backbone passes per batch, batches, seconds)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} is out of range; it must be >= 1")
     check_output_path(output)
-    entries = adapter_entries(adapters, names)  # cheap checks before the input or the model is read
+    overrides = TaskOverrides(task, None if text_columns is None else tuple(text_columns), max_length)
+    entries = adapter_entries(adapters, names, overrides)  # cheap checks before the input or the model is read
     needed = []
     for entry in entries:
-        needed.extend(c for c in entry.spec.input_columns if c not in needed)
+        needed.extend(c for c in entry.columns if c not in needed)
 
     def needed_by(column: str) -> str:
-        return ", ".join(repr(e.name) for e in entries if column in e.spec.input_columns)
+        return ", ".join(repr(e.name) for e in entries if column in e.columns)
 
     columns, rows = read_rows(input_file, needed, needed_by)
     clashes = [entry.name for entry in entries if entry.name in columns]
@@ -383,7 +401,7 @@ def run_predict(adapters: Sequence[str | Path], input_file: str | Path, output: 
         raise ConfigError(f"prediction column(s) {', '.join(repr(c) for c in clashes)} would overwrite input "
                           "column(s) of the same name; name the adapters with --name")
     started = time.perf_counter()
-    predictor = Predictor(adapters, model=model, names=names, cpu=cpu)
+    predictor = Predictor(adapters, model=model, names=names, cpu=cpu, overrides=overrides)
     loaded = time.perf_counter()
     predictions = predictor.predict(rows, batch_size=batch_size, progress=progress)
     finished = time.perf_counter()

@@ -104,7 +104,8 @@ def run_predict(args) -> None:
     from readapt.inference import run_predict
 
     summary = run_predict(args.adapter, args.input, output=args.output, model=args.model, names=args.name or None,
-                          batch_size=args.batch_size, cpu=args.cpu, progress=args.progress)
+                          batch_size=args.batch_size, cpu=args.cpu, progress=args.progress, task=args.task,
+                          text_columns=args.text_columns, max_length=args.max_length)
     passes = len(summary["groups"])
     print(f"readapt predict: {summary['rows']} rows, {len(summary['adapters'])} adapter(s) "
           f"({', '.join(summary['adapters'])}), {passes} backbone pass(es) per batch, {summary['batches']} batch(es), "

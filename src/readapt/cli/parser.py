@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from readapt.cli.flags import Flag, add_config_arguments, positive_int
+from readapt.cli.flags import Flag, add_config_arguments, comma_list, positive_int
 from readapt.methods import get_method
 from readapt.read.config import ReadConfig
 from readapt.recipe.config import LANGUAGE_MODELS, DataConfig, TrainingConfig
@@ -138,6 +138,17 @@ def _add_predict_parser(commands) -> None:
     predict.add_argument("--input", required=True, metavar="FILE",
                          help="rows to predict: CSV, TSV or JSONL (optionally .gz) with the columns the adapters' tasks read")
     predict.add_argument("--output", metavar="FILE", help="CSV or JSONL, by extension (default: JSONL on stdout)")
+    task = predict.add_argument_group(
+        "the task (default: each adapter's task.json, written by `readapt train`: task, input columns, labels, "
+        "prompt, max length; these flags override it for every adapter)")
+    task.add_argument("--task", help="predict as this GLUE task (its input columns, labels and prompt); an adapter "
+                                     "without task.json (saved by save_pretrained or Trainer) needs it or "
+                                     "--text-columns")
+    task.add_argument("--text-columns", type=comma_list, metavar="A[,B]",
+                      help="the input file's column(s) to read for the task's text field(s), in their order (the "
+                           "prompt keeps the task's field names); without task.json: a classifier or regression "
+                           "adapter whose labels adapter_config.json records")
+    task.add_argument("--max-length", type=positive_int, help="truncate inputs (default: the adapter's, else 128)")
     predict.add_argument("--batch-size", type=positive_int, default=64)
     predict.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     predict.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -38,8 +38,10 @@ class AutoReadModel:
         if not source:
             raise IncompatibleAdapterError(f"adapter {directory} does not record its backbone; build the backbone and "
                                            "use ReadModel.from_pretrained(backbone, adapter_dir), or pass backbone=...")
+        if backbone is None:
+            _check_gguf_folder(Path(source), directory)
         signature = metadata["backbone"]
-        num_labels, is_regression, labels = _labels(directory, metadata)
+        num_labels, is_regression, labels = adapter_labels(directory, metadata)
         decoder_head = "classifier" if (signature.get("family") == DECODER_ONLY and
                                         signature.get("architecture", "").endswith("ForSequenceClassification")) \
             else "label-words"
@@ -53,14 +55,29 @@ class AutoReadModel:
         return ReadModel.from_pretrained(loaded.model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def _labels(directory: Path, metadata: dict) -> tuple[int, bool, dict]:
+def _check_gguf_folder(source: Path, directory: Path) -> None:
+    """transformers records a GGUF backbone's folder, not its file (from_pretrained(folder, gguf_file=...)); where the
+    recorded folder holds one .gguf file that is the backbone (readapt.read.sources.portable_source), where it holds
+    several the adapter does not say which."""
+    if not source.is_dir() or (source / "config.json").is_file():
+        return
+    ggufs = sorted(p.name for p in source.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise IncompatibleAdapterError(
+            f"adapter {directory} records the backbone folder {source}, which holds {len(ggufs)} GGUF files "
+            f"({', '.join(ggufs)}), and not which one it was trained on (transformers records a GGUF model's folder "
+            f"only): name it with backbone='{source / ggufs[0]}' (or another of them)")
+
+
+def adapter_labels(directory: Path, metadata: dict) -> tuple[int, bool, dict]:
     """(number of labels, regression?, the recorded label settings) of a classification adapter: from its metadata
     (save_pretrained records them), else its task.json (`readapt train` writes one), else its head's output size."""
     labels = dict(metadata.get("labels") or {})
     if isinstance(labels.get("id2label"), dict):  # JSON keys are strings
         labels["id2label"] = {int(k): v for k, v in labels["id2label"].items()}
-    if isinstance(labels.get("num_labels"), int):
-        return labels["num_labels"], labels.get("problem_type") == "regression", labels
+    if isinstance(labels.get("num_labels"), int):  # one output and no problem type: regression, as transformers has it
+        problem = labels.get("problem_type")
+        return labels["num_labels"], problem == "regression" or (problem is None and labels["num_labels"] == 1), labels
     names, regression = task_labels(directory)
     if regression is not None:
         return (1 if regression else len(names)), regression, {}
