@@ -2,7 +2,9 @@
 
 Protocol (defaults):
   - backbone: the embedded all-MiniLM-L6-v2 (6 layers, d = 384), float32, CPU unless --device cuda;
-  - adapters: READ with the default config (GRU, r = 256, input projection, mean over layers), NOT trained:
+  - adapters: READ as measured in docs/many-adapters.md and docs/serving.md (MEASURED_CONFIG: GRU, r = 256, no
+    token mixer, input projection, mean over layers; today's default adds a token mixer, which rules out the
+    [CLS]-only head mode), NOT trained:
     every side-network and head weight drawn from N(0, 0.02) with its own seed (the zero-initialised
     up-projection included, so the correction is not zero); timing does not depend on the weights. Each is
     saved with an SST-2 task file (column `sentence`, max length 128) and loaded by readapt.inference.Predictor,
@@ -42,8 +44,12 @@ def _default_glue() -> str:
     return os.environ.get("READAPT_GLUE_DIR") or os.environ.get("GLUE_DIR") or str(REPO_ROOT.parent / "shared" / "data" / "glue")
 
 
+# The READ config the committed figures were measured with (the defaults of 2026-12-01).
+MEASURED_CONFIG = {"hidden_size": 256, "token_mixer_layers": 0}
+
+
 def make_adapters(folder: Path, count: int, max_length: int) -> list[Path]:
-    """`count` randomised READ adapters (default config) for SST-2 on the default backbone, with task files."""
+    """`count` randomised READ adapters (MEASURED_CONFIG) for SST-2 on the default backbone, with task files."""
     import torch
 
     from readapt import ReadConfig, get_read_model
@@ -53,7 +59,7 @@ def make_adapters(folder: Path, count: int, max_length: int) -> list[Path]:
     from readapt.tasks import get_task
 
     task = get_task("sst2")
-    model = get_read_model(load_backbone(None, task.num_labels).model, ReadConfig())
+    model = get_read_model(load_backbone(None, task.num_labels).model, ReadConfig(**MEASURED_CONFIG))
     directories = []
     for index in range(count):
         generator = torch.Generator().manual_seed(index)
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}; load average before {load_before[0]:.2f}")
     print(f"# {len(rows)} SST-2 dev sentences, batch {args.batch_size}, max length {args.max_length}, "
-          f"adapters: READ default config (GRU r=256), randomised, untrained; best of {args.repeats}")
+          f"adapters: READ {MEASURED_CONFIG}, randomised, untrained; best of {args.repeats}")
 
     results: dict = {"config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                                 "machine": platform.machine(), "cores": os.cpu_count(), "rows": len(rows)},
