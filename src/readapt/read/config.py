@@ -119,7 +119,8 @@ class ReadConfig:
     encoder_context: bool = field(default=True, metadata={
         "help": "encoder-decoder: the decoder side network attends over the corrected encoder output (Joiner)"})
     stacks: list[str] | None = field(default=None, metadata={
-        "help": "which stacks to adapt (encoder, decoder); None: every stack the backbone has"})
+        "help": "which stacks to adapt (encoder, decoder); None: every stack the backbone has whose correction "
+                "reaches the output (not the encoder of a decoupled encoder-decoder without encoder_context)"})
     head_modules: list[str] | None = field(default=None, metadata={
         "help": "backbone modules trained alongside READ (task heads); None: detect newly added heads "
                 "(classifier / score / ...); [] trains READ alone"})

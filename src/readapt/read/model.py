@@ -134,20 +134,40 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
     def _select_stacks(info: BackboneInfo, config: ReadConfig) -> list[Stack]:
         available = {s.name: s for s in info.stacks}
         wanted = config.stacks or list(available)
+        if config.stacks is None and ReadModel._encoder_correction_unread(info, config):
+            wanted = ["decoder"]  # a side network on the encoder would compute what nothing reads
         for name in wanted:
             if name not in available:
                 raise ConfigError(
                     f"ReadConfig.stacks names {name!r}, but this {info.family} model has only: {', '.join(available)}"
                 )
         if config.sequence_context != "none" and "encoder" not in wanted and info.family != DECODER_ONLY:
+            unread = (" (decoupled and without encoder_context, the encoder's correction would reach nothing, so it is "
+                      "not adapted)" if config.stacks is None else "")
             raise ConfigError(f"ReadConfig.sequence_context={config.sequence_context!r} needs an adapted encoder stack "
-                              f"or a decoder-only model; this {info.family} model adapts only: {', '.join(wanted)}")
+                              f"or a decoder-only model; this {info.family} model adapts only: {', '.join(wanted)}"
+                              + unread)
         if info.family == ENCODER_DECODER and wanted == ["encoder"] and not config.couple_encoder:
             raise ConfigError(
                 "ReadConfig.stacks=['encoder'] on an encoder-decoder model needs couple_encoder=True: "
                 "decoupled, an encoder correction reaches the output only through the decoder side network"
             )
         return [s for s in info.stacks if s.name in wanted]
+
+    @staticmethod
+    def _encoder_correction_unread(info: BackboneInfo, config: ReadConfig) -> bool:
+        """An encoder-decoder model, decoupled (the backbone decoder reads the frozen encoder output) and without
+        encoder context (the decoder side network does not read the corrected one): an encoder correction would
+        reach nothing, so by default (stacks=None) only the decoder is adapted."""
+        return info.family == ENCODER_DECODER and not config.couple_encoder and not config.encoder_context
+
+    def _readable_state(self, state: dict[str, torch.Tensor], config: ReadConfig) -> dict[str, torch.Tensor]:
+        """A saved adapter's tensors as this model loads them: adapters saved before an unread encoder side network
+        was left out (stacks=None, decoupled, no encoder context) hold one, never trained (its zero up-projection
+        got no gradient); it is dropped, which changes nothing the adapter computes."""
+        if config.stacks is not None or not self._encoder_correction_unread(self.info, config):
+            return state
+        return {key: value for key, value in state.items() if not key.startswith("read.encoder.")}
 
     @staticmethod
     def _select_heads(backbone: nn.Module, info: BackboneInfo, config: ReadConfig) -> list[str]:
@@ -305,7 +325,7 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
             self._reload_adapter(adapter_name, config, adapter_directory, is_trainable)
             return
         self._check_same_attachment(config, metadata, adapter_directory)
-        state = load_safetensors(adapter_directory / WEIGHTS_NAME)
+        state = self._readable_state(load_safetensors(adapter_directory / WEIGHTS_NAME), config)
         read = self._side_networks(config)
         heads = {name: self._new_head(name, state, adapter_directory) for name in self.head_module_names}
         copy_into(self._adapter_tensors(read, heads), state, str(adapter_directory))
@@ -323,8 +343,8 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded with another READ config "
                               f"({', '.join(changed)} differ from {directory}'s); delete it first or pick another name")
         try:
-            copy_into(self._adapter_tensors(adapter.read, adapter.heads), load_safetensors(directory / WEIGHTS_NAME),
-                      str(directory))
+            copy_into(self._adapter_tensors(adapter.read, adapter.heads),
+                      self._readable_state(load_safetensors(directory / WEIGHTS_NAME), config), str(directory))
         except IncompatibleAdapterError as exc:
             raise IncompatibleAdapterError(f"an adapter named {adapter_name!r} is already loaded: {exc}") from None
         for module in (adapter.read, *adapter.heads.values()):
@@ -458,7 +478,7 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
         return self._adapter_tensors(adapter.read, adapter.heads)  # the active one's are the model's own modules
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-        copy_into(self.adapter_state_dict(), state, source)
+        copy_into(self.adapter_state_dict(), self._readable_state(state, self.read_config), source)
 
     def adapter_metadata(self, adapter_name: str | None = None) -> dict:
         """adapter_config.json: the READ config, and what rebuilds the backbone (AutoReadModel) and checks it."""

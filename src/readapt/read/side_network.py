@@ -98,15 +98,16 @@ def pool_states(layer_states: torch.Tensor, token_mask: torch.Tensor | None, cau
     and the second text's (zero where a row has no second text)."""
     if token_mask is None:
         token_mask = layer_states.new_ones(layer_states.shape[1:3])
-    if second_text is not None:
-        real = token_mask.to(torch.bool)
-        masks = (real, real & ~second_text, real & second_text)
-        return torch.cat([pool_states(layer_states, m, False) for m in masks], dim=2)
-    weights = token_mask.to(layer_states.dtype)[None, :, :, None]  # (1, B, T, 1)
-    weighted = layer_states * weights
     if causal:
+        weights = token_mask.to(layer_states.dtype)[None, :, :, None]  # (1, B, T, 1)
+        weighted = layer_states if bool(token_mask.all()) else layer_states * weights
         return weighted.cumsum(2) / weights.cumsum(2).clamp(min=1)
-    return weighted.sum(2, keepdim=True) / weights.sum(2, keepdim=True).clamp(min=1)
+    real = token_mask.to(torch.bool)
+    masks = [real] if second_text is None else [real, real & ~second_text, real & second_text]
+    # One masked matmul over the tokens, (1, B, M, T) @ (N, B, T, d): no weighted copy of the states
+    weights = torch.stack(masks, dim=1).to(layer_states.dtype)  # (B, M, T)
+    sums = torch.matmul(weights.unsqueeze(0), layer_states)  # (N, B, M, d)
+    return sums / weights.sum(-1, keepdim=True).clamp(min=1)
 
 
 class EncoderContext(nn.Module):
@@ -145,6 +146,11 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         # x (B, T, r); token_mask (B, T), 1 = real token, None: every position is real
         batch, tokens, _ = x.shape
+        if not self.causal and (token_mask is None or bool(token_mask.all())):
+            # Nothing to block (no padding, not causal): no (B * heads, T, T) mask to build, convert and add
+            for layer in self.layers:
+                x = layer(x)
+            return self.norm(x)
         allowed = torch.ones(batch, tokens, tokens, dtype=torch.bool, device=x.device)
         if token_mask is not None:
             allowed &= token_mask.to(device=x.device, dtype=torch.bool)[:, None, :]
