@@ -38,11 +38,19 @@ def test_cls_variation_diagnostic_runs(capsys):
     assert "relative spread" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_step_time_benchmark_runs(capsys):
-    results = _load("step_time").main(["--batch-size", "2", "--length", "16", "--repeats", "1"])
-    assert len(results) == 4 and all(seconds > 0 for seconds in results.values())
-    assert "READ step, default config" in capsys.readouterr().out
+def test_step_time_benchmark_runs(tmp_path, capsys):
+    results = _load("step_time").main(["--tiny", "--repeats", "1", "--variants", "recompute=true",
+                                       "--json", str(tmp_path / "step_time.json")])
+    assert set(results["cases"]) == {"t5-base", "minilm", "minilm-cls"}
+    for record in results["cases"].values():
+        assert set(record["ratios"]) == {"READ step, default config", "READ step, recompute=True"}
+        assert all(seconds > 0 for seconds in record["seconds"].values())
+    assert results["cases"]["minilm"]["config"]["token_mixer_layers"] == 2
+    assert results["cases"]["minilm-cls"]["config"]["token_mixer_layers"] == 0
+    assert results["cases"]["t5-base"]["config"]["stacks"] == ["encoder", "decoder"]
+    out = capsys.readouterr().out
+    assert "READ step, default config" in out and "ratio" in out and "process CPU seconds" in out
+    assert json.loads((tmp_path / "step_time.json").read_text())["meter"] == results["meter"]
 
 
 @needs_real_glue
