@@ -289,3 +289,25 @@ def test_real_backbone_int8_on_sst2_rows(tmp_path, step_losses):
     assert step_losses == pytest.approx(live_losses, rel=1e-5)
     assert cached["best_score"] == live["best_score"]
     assert cached["backbone_dtype"] == "int8" and cached["feature_cache"]["bytes"] > 0
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_an_adapter_on_an_int8_backbone_records_int8_and_loads_on_int8_again(kind, tiny_models, tmp_path):
+    """adapter_config.json's backbone_dtype is the storage dtype ("int8"), not the float32 that the quantized weights
+    report as their dtype, so AutoReadModel.from_pretrained(adapter) loads the backbone quantized again."""
+    from readapt.quantization import quantized_dtype
+    from readapt.read.auto import AutoReadModel
+
+    loaded = _load(tiny_models, kind)
+    model = get_read_model(loaded.model, SMALL)
+    assert model.backbone_dtype == torch.float32  # what the weights report: the dtype they compute in
+    model.save_pretrained(tmp_path / "int8")
+    assert json.loads((tmp_path / "int8" / "adapter_config.json").read_text())["backbone_dtype"] == "int8"
+    again = AutoReadModel.from_pretrained(tmp_path / "int8")
+    assert quantized_dtype(again.backbone) == "int8"
+    batch = _batch(loaded, kind)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    float_model = get_read_model(_load(tiny_models, kind, "float32").model, SMALL)
+    float_model.save_pretrained(tmp_path / "float32")
+    assert json.loads((tmp_path / "float32" / "adapter_config.json").read_text())["backbone_dtype"] == "float32"

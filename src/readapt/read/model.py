@@ -41,6 +41,7 @@ from readapt.errors import ConfigError, IncompatibleAdapterError
 from readapt.frozen import LOW_PRECISION, FrozenBackboneWrapper, first_tensor, set_submodule
 from readapt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from readapt.offload import is_dispatched, side_network_device
+from readapt.quantization import quantized_dtype
 from readapt.read.adapters import (
     DEFAULT_ADAPTER,
     NamedAdapter,
@@ -493,7 +494,9 @@ class ReadModel(PeftSurface, PrecisionPolicy, SharedPass, StackAttachment, Froze
             "config": adapter.config.to_dict(),
             "backbone": self.info.signature(),
             "base_model_name_or_path": backbone_source(self.backbone),
-            "backbone_dtype": str(self.backbone_dtype).removeprefix("torch."),
+            # a quantized backbone's storage dtype ("int8" / "int4"; its weights report the float dtype they compute
+            # in), so that AutoReadModel loads it quantized again
+            "backbone_dtype": quantized_dtype(self.backbone) or str(self.backbone_dtype).removeprefix("torch."),
             "head_modules": self.head_module_names,
             "labels": {key: value for key, value in labels.items() if value is not None},
         }
