@@ -201,3 +201,17 @@ def test_metrics_json_records_the_choice(tiny_models, tmp_path):
     record = metrics["read_recompute"]["encoder"]
     assert record["recompute"] == "auto" and record["first"]["decision"] == "keep activations"
     assert record["training_calls"] == {"keep activations": 2}
+
+
+def test_the_command_line_flags():
+    from readapt.cli.commands import train_config_from_args
+    from readapt.cli.parser import build_parser
+
+    def options(*flags):
+        args = build_parser().parse_args(["train", "--task", "sst2", *flags])
+        return train_config_from_args(args).method_options
+
+    assert "recompute" not in options() and "recompute_chunk_tokens" not in options()  # auto
+    assert options("--read-recompute")["recompute"] is True
+    assert options("--no-read-recompute")["recompute"] is False
+    assert options("--read-recompute", "--read-recompute-chunk-tokens", "64")["recompute_chunk_tokens"] == 64
