@@ -505,6 +505,7 @@ def test_predict_refuses_other_methods_foreign_backbones_and_adapters_without_ta
     base = ["predict", "--model", str(tiny_models["bert"]), "--input", str(tmp_path / "in.csv"), "--no-progress"]
     lora = tmp_path / "lora"
     get_method("lora").save(get_method("lora").prepare(load_backbone(str(tiny_models["bert"]), 2).model, {}), lora)
+    capsys.readouterr()  # what making the LoRA adapter printed (a transformers deprecation warning under peft)
     assert main([*base, "--adapter", str(predict_adapters["sst2"]), "--adapter", str(lora)]) == 2
     assert "made by method 'lora': readapt predict serves READ adapters only" in _one_line_error(capsys)
 
@@ -552,7 +553,7 @@ def test_real_backbone_two_tasks_one_pass(tmp_path, capsys):
 
     rows = [{"sentence": e.texts[0]} for e in load_glue_split("sst2", REAL_GLUE_DIR, "validation", max_samples=24)]
     predictor = Predictor([tmp_path / "sst2" / "adapter", tmp_path / "cola" / "adapter"])
-    assert predictor.positions == slice(0, 1)
+    assert predictor.positions is None  # the default token mixer: every token is corrected
     counter = LayerCounter(predictor.model)
     shared = predictor.predict(rows, batch_size=8)
     assert counter.calls == 3
