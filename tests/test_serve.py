@@ -457,7 +457,7 @@ def test_default_backbone_serves_what_predictor_gives(tmp_path):
         atomic_write_json(folders[task_name] / TASK_FILE, TaskSpec(task, 128, False).to_dict())
     assert embedded_backbone_dir().is_dir()
     served = Predictor(list(folders.values()), cpu=True)
-    assert served.positions == slice(0, 1)  # [CLS]-only side networks, as `readapt predict`
+    assert served.positions is None  # the default token mixer: every token corrected, as `readapt predict`
     with running(create_app(served, ServeSettings(batch_window_ms=20))) as base:
         bodies = [{"inputs": [ROWS[i % len(ROWS)], ROWS[(i + 2) % len(ROWS)]], "scores": True} for i in range(8)]
         responses = _simultaneously(base, bodies)
