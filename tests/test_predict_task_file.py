@@ -183,3 +183,15 @@ def test_a_text_to_text_adapter_without_task_file_takes_the_glue_prompt(adapters
     predictor = Predictor([adapters["t5"]], model=str(tiny_models["t5"]), overrides=TaskOverrides(task="sst2"))
     assert predictor.text_to_text and predictor.entries[0].spec.task.prompt_prefix == "sst2"
     assert set(_predictions(out, "t5")) <= {"negative", "positive"}  # ranked over the task's answer words
+
+
+def test_the_backbone_comes_from_the_adapter_when_no_model_is_named(adapters, tiny_models, tmp_path, capsys):
+    """The adapter records its backbone (adapter_config.json): without --model, predict loads that one, as
+    AutoReadModel does, and predicts what it predicts with --model naming it."""
+    reviews = _write_csv(tmp_path / "reviews.csv", "review")
+    named, recorded = tmp_path / "named.jsonl", tmp_path / "recorded.jsonl"
+    base = ["predict", "--adapter", str(adapters["review"]), "--input", str(reviews), "--no-progress"]
+    _ok([*base, "--model", str(tiny_models["bert"]), "--output", str(named)], capsys)
+    _ok([*base, "--output", str(recorded)], capsys)
+    assert recorded.read_text() == named.read_text()
+    assert Predictor([adapters["review"]]).source == str(Path(tiny_models["bert"]).resolve())

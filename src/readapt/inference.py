@@ -53,6 +53,7 @@ from readapt.encoding import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
 from readapt.io import atomic_write_text
 from readapt.read.model import ReadModel
+from readapt.read.sources import portable_source
 from readapt.settings import GenerationSettings
 from readapt.task_overrides import TaskOverrides, adapter_task
 from readapt.task_spec import TaskSpec
@@ -151,6 +152,8 @@ class Predictor:
 
         self.entries = adapter_entries(adapters, names, overrides)
         first = self.entries[0]
+        if model is None:  # the backbone the first adapter records (AutoReadModel's rule), else the embedded one
+            model = portable_source(read_adapter_metadata(first.directory).get("base_model_name_or_path") or "") or None
         loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression,
                                decoder_head="label-words" if first.spec.text_to_text else "classifier",
                                generation=first.spec.task.is_generation)

@@ -129,7 +129,8 @@ def _add_eval_parser(commands) -> None:
 
 def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict with one or many READ adapters, one backbone pass per batch")
-    predict.add_argument("--model", help="the backbone every adapter was trained on (default: the embedded all-MiniLM-L6-v2)")
+    predict.add_argument("--model", help="the backbone every adapter was trained on (default: the one the first adapter "
+                         "records, else the embedded all-MiniLM-L6-v2)")
     predict.add_argument("--adapter", action="append", required=True, metavar="DIR",
                          help="READ adapter directory written by `readapt train` (holds task.json); repeatable")
     predict.add_argument("--name", action="append", default=[], metavar="NAME",

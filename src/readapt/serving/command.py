@@ -47,7 +47,8 @@ def _non_negative_float(text: str) -> float:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeSettings()
-    parser.add_argument("--model", help="the backbone every adapter was trained on (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--model", help="the backbone every adapter was trained on (default: the one the first adapter "
+                        "records, else the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
                         help="a READ adapter folder with its task.json (e.g. runs/sst2/adapter); repeat for more")
     parser.add_argument("--name", action="append", default=[], metavar="NAME",
