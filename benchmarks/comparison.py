@@ -67,11 +67,11 @@ def drawn_rows(trained: int) -> int:
 
 
 def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
-         data_dir: str | None = None) -> dict[str, list[BenchConfig]]:
+         data_dir: str | None = None, jobs: int = 1) -> dict[str, list[BenchConfig]]:
     """The bench matrices of every phase, one per method (and task, or size), so that a method's results are
     complete as soon as its own cells are; `chosen_lr` (the methods whose sweep is done) fixes the rates of the
     later phases, which hold only those methods."""
-    common = {"selection_fraction": SELECTION_FRACTION, "cache_features": True, "jobs": 1, "threads_per_job": 1,
+    common = {"selection_fraction": SELECTION_FRACTION, "cache_features": True, "jobs": jobs, "threads_per_job": 1,
               "cpu": True, "data_dir": data_dir}
     tasks, methods, seeds = TASKS, METHODS, SEEDS
     small, sst2_full, curve_rows = drawn_rows(SMALL_ROWS), drawn_rows(SST2_FULL_ROWS), CURVE_ROWS
@@ -299,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("READAPT_GLUE_DIR") or os.environ.get("GLUE_DIR"),
                         help="the GLUE TSV folder (default: $READAPT_GLUE_DIR, else $GLUE_DIR)")
     parser.add_argument("--smoke", action="store_true", help="a few rows of one task and two methods (CI)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each a process with 1 torch thread "
+                        "(CPU seconds and peak memory are per process, so they do not depend on it)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     records_path = Path(args.records) if args.records else out / "records.jsonl"
     saved = read_results(records_path)
     wanted = ("sweep", "small", "full", "curve") if args.phase == "all" else (args.phase,)
-    everything = plan(work, args.smoke, {m: 0.0 for m in METHODS}, args.data_dir)  # every matrix, for restoring
+    # every matrix, for restoring
+    everything = plan(work, args.smoke, {m: 0.0 for m in METHODS}, args.data_dir, args.jobs)
     for configs in everything.values():  # all restored before any runs (each save rewrites the file)
         for config in configs:
             restore_records(config, work, saved)
@@ -316,18 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             if "sweep" in stage and "sweep" in wanted:
                 saved = run_matrices(of_method(everything["sweep"], method), everything, work, saved, records_path,
                                      args.progress)
-            chosen = finished_sweeps(plan(work, args.smoke, None, args.data_dir))
+            chosen = finished_sweeps(plan(work, args.smoke, None, args.data_dir, args.jobs))
             if method not in chosen:
                 if "sweep" in stage and args.phase not in ("sweep", "report"):
                     print(f"comparison: {method}'s learning-rate sweep is not finished; run --phase sweep first",
                           file=sys.stderr)
                 continue
-            phases = plan(work, args.smoke, {method: chosen[method]}, args.data_dir)
+            phases = plan(work, args.smoke, {method: chosen[method]}, args.data_dir, args.jobs)
             for phase in stage:
                 if phase != "sweep" and phase in wanted:
                     saved = run_matrices(phases[phase], everything, work, saved, records_path, args.progress)
     chosen = finished_sweeps(everything)
-    phases = plan(work, args.smoke, chosen, args.data_dir)
+    phases = plan(work, args.smoke, chosen, args.data_dir, args.jobs)
     save_records(everything, work, saved, records_path)
     counts = report(phases, out, chosen)
     print(f"comparison: {counts['runs']} runs, {counts['sweep']} sweep runs, {counts['curve']} curve runs -> {out}")
