@@ -9,7 +9,7 @@ Phases (each a set of `readapt bench` matrices under --work, one per method, eve
 resumable; re-running the command continues where it stopped). They run in three stages, method by method
 within each in the order of METHODS (READ, full fine-tuning, LoRA first), so the cheaper tables fill first:
 every method's sweep and then its 1,000-row cells at the rate its sweep chose; then the learning curve; then
-the full training sets:
+the second backbone; then the full training sets:
 
   sweep    learning rates: every method at 1,000 training rows on SST-2 and MRPC, seed 1, three rates around
            its default; the rate with the best mean *selection* score (never the dev score) is the method's.
@@ -17,8 +17,11 @@ the full training sets:
   full     every method on the full GLUE training set (SST-2 capped at SST2_FULL_ROWS rows); read, full 3 seeds,
            the others 1.
   curve    SST-2 at 100, 400, 1,600 and 8,000 training rows; read, full, lora (3 seeds up to 1,600, 1 at 8,000).
-  report   docs/results/comparison/: runs.jsonl (small + full), sweep.jsonl, curve.jsonl (one JSON object per run),
-           table.md (mean ± std), learning_curve.png, pareto_cpu.png, pareto_memory.png.
+  second   SmolLM2-135M-Instruct with a classification head, SST-2 and MRPC at 1,000 rows, EPOCHS_SECOND epochs:
+           READ 3 seeds (default, and with a 2-layer causal token mixer), LoRA and full fine-tuning 1 seed.
+  report   docs/results/comparison/: runs.jsonl (small + full), sweep.jsonl, curve.jsonl, second_backbone.jsonl
+           (one JSON object per run), table.md (mean ± std; the second backbone and READ-on-SmolLM2 against full
+           fine-tuning of the default backbone at its memory), learning_curve.png, pareto_cpu.png, pareto_memory.png.
 
 Progress survives a fresh clone: after every matrix the finished cells' raw records are written to
 docs/results/comparison/records.jsonl (--records), and before a matrix runs the cells recorded there are put back
@@ -59,6 +62,14 @@ LR_GRID = {
 }  # fmt: skip
 CURVE_ROWS = (100, 400, 1600, 8000)
 CURVE_METHODS = ("read", "full", "lora")
+# The second backbone (issue 19, item 4): SmolLM2-135M-Instruct (the offline GGUF) with a new classification head
+# on the last token; READ 3 seeds (as `readapt train` configures it, and with a causal 2-layer token mixer), LoRA
+# and full fine-tuning 1 seed, at 1,000 rows, at the rates the default backbone's sweep chose. Fewer epochs than
+# the default backbone's 1,000-row cells (full fine-tuning of 135M parameters is ~6x the CPU), the same for all.
+SECOND_MODEL, SECOND_HEAD = "smollm2", "classifier"
+SECOND_TASKS = ("sst2", "mrpc")
+SECOND_VARIANTS = {"read": {}, "read-mixer2": {"token_mixer_layers": 2}, "lora": {}, "full": {}}
+EPOCHS_SECOND = 4
 
 
 def drawn_rows(trained: int) -> int:
@@ -85,7 +96,7 @@ def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
     if smoke:  # two rates for READ, one for the others: the choice logic runs, in a few cells
         grid = {m: LR_GRID[m][:2] if m == "read" else LR_GRID[m][1:2] for m in methods}
     lrs = chosen_lr or {}
-    phases: dict[str, list[BenchConfig]] = {"sweep": [], "small": [], "full": [], "curve": []}
+    phases: dict[str, list[BenchConfig]] = {"sweep": [], "small": [], "full": [], "curve": [], "second": []}
     for method in methods:
         for lr in grid[method]:
             phases["sweep"].append(BenchConfig(
@@ -108,6 +119,15 @@ def plan(work: Path, smoke: bool, chosen_lr: dict[str, float] | None,
                     seeds=list(seeds if rows <= 1600 else seeds[:1]), max_train_samples=drawn_rows(rows),
                     epochs=epochs_small if rows <= 2000 else epochs_full, learning_rates={method: lrs[method]},
                     **common))
+        for variant, options in ({} if smoke else SECOND_VARIANTS).items():
+            if variant.split("-")[0] != method:
+                continue
+            for task in SECOND_TASKS:
+                phases["second"].append(BenchConfig(
+                    output_dir=str(work / "second" / f"{task}-{variant}"), tasks=[task], methods=[method],
+                    seeds=list(seeds if method == "read" else seeds[:1]), max_train_samples=small,
+                    epochs=EPOCHS_SECOND, learning_rates={method: lrs[method]}, model=SECOND_MODEL,
+                    decoder_head=SECOND_HEAD, method_options={method: options} if options else {}, **common))
     return phases
 
 
@@ -230,6 +250,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def second_table(second: list[dict], runs: list[dict]) -> str:
+    """SmolLM2-135M's runs by variant, then the paper's trade: READ on the bigger frozen backbone against full
+    fine-tuning of the default backbone on the same rows (score and peak training memory)."""
+    if not second:
+        return ""
+    lines = [f"### Second backbone: SmolLM2-135M-Instruct, classification head, {SMALL_ROWS:,} training rows, "
+             f"{EPOCHS_SECOND} epochs", "", "| variant | " + " | ".join(SECOND_TASKS) + " | average | seeds | "
+             "train CPU s | peak MB | trainable |", "|---" * (len(SECOND_TASKS) + 6) + "|"]
+    for variant in SECOND_VARIANTS:
+        mine = [r for r in second if r["variant"] == variant]
+        if not mine:
+            continue
+        per_task = {t: [r["score"] for r in mine if r["task"] == t] for t in SECOND_TASKS}
+        average = statistics.mean(statistics.mean(v) for v in per_task.values()) if all(per_task.values()) else None
+        lines.append(f"| {variant} | " + " | ".join(_mean_std(v) for v in per_task.values())
+                     + f" | {'—' if average is None else f'{average:.1f}'} | {len({r['seed'] for r in mine})} | "
+                     f"{statistics.mean(r['train_cpu_seconds'] for r in mine):.0f} | "
+                     f"{statistics.mean(r['peak_memory_mb'] for r in mine):.0f} | {mine[0]['trainable_parameters']:,} |")
+    small_full = [r for r in runs if r["phase"] == "small" and r["method"] == "full" and r["task"] in SECOND_TASKS]
+    trade = []
+    for variant in (v for v in SECOND_VARIANTS if v.startswith("read")):
+        mine = [r for r in second if r["variant"] == variant]
+        for task in SECOND_TASKS:
+            ours = [r for r in mine if r["task"] == task]
+            theirs = [r for r in small_full if r["task"] == task]
+            if ours and theirs:
+                trade.append(f"| {task} | {variant} on SmolLM2-135M | {_mean_std([r['score'] for r in ours])} | "
+                             f"{statistics.mean(r['peak_memory_mb'] for r in ours):.0f} | full fine-tuning of "
+                             f"all-MiniLM-L6-v2 | {_mean_std([r['score'] for r in theirs])} | "
+                             f"{statistics.mean(r['peak_memory_mb'] for r in theirs):.0f} |")
+    if trade:
+        lines += ["", "The paper's trade (a bigger frozen backbone for the memory of fine-tuning a smaller one): "
+                  f"READ on SmolLM2-135M against full fine-tuning of the default backbone at {SMALL_ROWS:,} rows "
+                  f"({EPOCHS_SMALL} epochs there).", "",
+                  "| task | READ | dev score | peak MB | against | dev score | peak MB |", "|---" * 7 + "|", *trade]
+    return "\n".join(lines + [""])
+
+
 def plots(rows: list[dict], curve: list[dict], out: Path) -> None:
     import io
 
@@ -279,19 +337,22 @@ def report(phases: dict[str, list[BenchConfig]], out: Path, chosen_lr: dict[str,
     runs = [row(r, p) for p in ("small", "full") for r in ok_records(phases[p])]
     sweep = [row(r, "sweep") for r in ok_records(phases["sweep"])]
     curve = [row(r, "curve") for r in ok_records(phases["curve"])]
+    second = [{**row(r, "second"), "backbone": SECOND_MODEL, "variant": Path(c.output_dir).name.split("-", 1)[1]}
+              for c in phases["second"] for r in ok_records([c])]
     write_jsonl(out / "runs.jsonl", runs)
     write_jsonl(out / "sweep.jsonl", sweep)
     write_jsonl(out / "curve.jsonl", curve)
+    write_jsonl(out / "second_backbone.jsonl", second)
     chosen = "\n".join(f"- {m}: {lr:g}" for m, lr in sorted((chosen_lr or {}).items())) or "- (sweep not finished)"
     atomic_write_text(out / "table.md", f"## Learning rates chosen by the sweep (best mean selection score)\n\n{chosen}"
-                                        f"\n\n{table(runs)}\n")
+                                        f"\n\n{table(runs)}\n{second_table(second, runs)}")
     plots(runs, curve, out)
-    return {"runs": len(runs), "sweep": len(sweep), "curve": len(curve)}
+    return {"runs": len(runs), "sweep": len(sweep), "curve": len(curve), "second": len(second)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", choices=("all", "sweep", "small", "full", "curve", "report"), default="all")
+    parser.add_argument("--phase", choices=("all", "sweep", "small", "full", "curve", "second", "report"), default="all")
     parser.add_argument("--work", default="runs/comparison", help="the bench matrices (adapters, logs, records)")
     parser.add_argument("--out", default="docs/results/comparison", help="where the report goes")
     parser.add_argument("--records", default=None, help="the finished cells' raw records, restored on start and "
@@ -306,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     records_path = Path(args.records) if args.records else out / "records.jsonl"
     saved = read_results(records_path)
-    wanted = ("sweep", "small", "full", "curve") if args.phase == "all" else (args.phase,)
+    wanted = ("sweep", "small", "full", "curve", "second") if args.phase == "all" else (args.phase,)
     # every matrix, for restoring
     everything = plan(work, args.smoke, {m: 0.0 for m in METHODS}, args.data_dir, args.jobs)
     for configs in everything.values():  # all restored before any runs (each save rewrites the file)
@@ -314,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             restore_records(config, work, saved)
     # Stage by stage, method by method within a stage (READ first): every method's sweep and 1,000-row cells,
     # then the learning curve, then the full training sets (the costliest), each at the rate its sweep chose.
-    for stage in (("sweep", "small"), ("curve",), ("full",)):
+    for stage in (("sweep", "small"), ("curve",), ("second",), ("full",)):
         for method in method_order(everything):
             if "sweep" in stage and "sweep" in wanted:
                 saved = run_matrices(of_method(everything["sweep"], method), everything, work, saved, records_path,
@@ -333,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = plan(work, args.smoke, chosen, args.data_dir, args.jobs)
     save_records(everything, work, saved, records_path)
     counts = report(phases, out, chosen)
-    print(f"comparison: {counts['runs']} runs, {counts['sweep']} sweep runs, {counts['curve']} curve runs -> {out}")
+    print(f"comparison: {counts['runs']} runs, {counts['sweep']} sweep runs, {counts['curve']} curve runs, "
+          f"{counts['second']} second-backbone runs -> {out}")
     return 0
 
 

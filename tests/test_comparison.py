@@ -10,6 +10,7 @@ import pytest
 from conftest import REAL_GLUE_DIR, needs_real_glue
 from readapt.cli import main
 from readapt.comparison.runner import BenchConfig, plan, read_results
+from readapt.errors import ConfigError
 
 pytestmark = needs_real_glue
 
@@ -69,6 +70,31 @@ def test_plan_and_bad_bench_input(tmp_path, capsys):
     assert "unknown method 'lora2'" in capsys.readouterr().err
     assert main(["bench", "--lr", "read", "--output-dir", str(tmp_path / "x")]) == 2
     assert "expected METHOD=VALUE" in capsys.readouterr().err
+
+
+def test_decoder_head_reaches_every_cell_and_is_checked(tmp_path, capsys):
+    config = BenchConfig(output_dir=str(tmp_path), tasks=["sst2"], methods=["read", "full"], decoder_head="classifier")
+    config.validate()
+    assert {s["decoder_head"] for s in plan(config)} == {"classifier"}
+    with pytest.raises(ConfigError, match="unknown decoder head 'last'"):
+        BenchConfig(output_dir=str(tmp_path), decoder_head="last").validate()
+    assert main(["bench", "--decoder-head", "last", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--decoder-head: invalid choice: 'last'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two fresh processes
+def test_a_decoder_only_cell_trains_the_classifier_head_it_is_given(tiny_models, tmp_path):
+    # The feature cache refuses label-word decoder runs, so this cell succeeds only if the head reached it.
+    output = tmp_path / "bench"
+    assert main(["bench", "--tasks", "sst2", "--methods", "read", "--model", str(tiny_models["llama-lm"]),
+                 "--decoder-head", "classifier", "--cache-features", "--data-dir", str(REAL_GLUE_DIR),
+                 "--max-train-samples", "16", "--max-eval-samples", "8", "--epochs", "1", "--batch-size", "8",
+                 "--max-length", "32", "--threads-per-job", "1", "--no-progress", "--output-dir", str(output)]) == 0
+    (record,) = read_results(output / "results.jsonl")
+    assert record["status"] == "ok", record
+    metrics = json.loads((output / "runs" / "sst2-read-seed1" / "metrics.json").read_text())
+    assert metrics["config"]["decoder_head"] == "classifier"
+    assert record["inference"]["latency_ms_batch1"] > 0
 
 
 @pytest.mark.parametrize("seeds", ["1,1", "a,b"])

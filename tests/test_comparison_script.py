@@ -65,3 +65,31 @@ def test_smoke_run_writes_every_record_and_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_run_cell", lambda spec: pytest.fail(f"re-ran a recorded cell: {spec['run_dir']}"))
     assert script.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--no-progress"]) == 0
     assert {name: (out / name).read_text() for name in before} == before
+
+
+def test_second_backbone_phase_plans_smollm2_with_a_classifier_head(tmp_path):
+    script = _script()
+    phases = script.plan(tmp_path, False, {"read": 1e-3, "lora": 5e-4, "full": 5e-5})
+    second = phases["second"]
+    assert {Path(c.output_dir).name for c in second} == {
+        f"{t}-{v}" for t in ("sst2", "mrpc") for v in ("read", "read-mixer2", "lora", "full")}
+    for config in second:
+        config.validate()
+        assert (config.model, config.decoder_head, config.max_train_samples) == ("smollm2", "classifier", 1250)
+        assert config.seeds == ([1, 2, 3] if config.methods == ["read"] else [1])
+    mixer = [c for c in second if c.output_dir.endswith("read-mixer2")]
+    assert all(c.method_options == {"read": {"token_mixer_layers": 2}} for c in mixer)
+    assert script.plan(tmp_path, True, {"read": 1e-3})["second"] == []  # the CI smoke test stays on MiniLM
+
+
+def test_second_backbone_table_sets_read_on_smollm2_against_full_on_the_default_backbone():
+    script = _script()
+    def rec(phase, task, method, score, memory, **extra):
+        return {"phase": phase, "task": task, "method": method, "seed": 1, "score": score, "peak_memory_mb": memory,
+                "train_cpu_seconds": 10.0, "trainable_parameters": 5, **extra}
+    second = [rec("second", t, "read", 80.0, 1700, variant="read") for t in ("sst2", "mrpc")]
+    runs = [rec("small", t, "full", 79.0, 1650) for t in ("sst2", "mrpc")]
+    text = script.second_table(second, runs)
+    assert "| read | 80.0 | 80.0 | 80.0 | 1 |" in text
+    assert "| sst2 | read on SmolLM2-135M | 80.0 | 1700 | full fine-tuning of all-MiniLM-L6-v2 | 79.0 | 1650 |" in text
+    assert script.second_table([], runs) == ""

@@ -153,6 +153,7 @@ def run_bench(args) -> None:
         output_dir=args.output_dir, method_epochs=method_epochs, selection_fraction=args.selection_fraction,
         cache_features=args.cache_features, cache_dir=args.cache_dir, tasks=_comma_list(args.tasks, "tasks"), methods=_comma_list(args.methods, "methods"),
         seeds=_comma_list(args.seeds, "seeds", int), baseline_seeds=args.baseline_seeds, model=args.model,
+        decoder_head=args.decoder_head,
         data_dir=args.data_dir, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, learning_rates=learning_rates,
         method_options=method_options, memory_batch_sizes=_comma_list(args.memory_batch_sizes, "memory-batch-sizes", int),

@@ -10,7 +10,7 @@ from readapt.cli.flags import Flag, add_config_arguments, comma_list, positive_i
 from readapt.methods import get_method
 from readapt.read.config import ReadConfig
 from readapt.recipe.config import LANGUAGE_MODELS, DataConfig, TrainingConfig
-from readapt.settings import GenerationSettings
+from readapt.settings import DECODER_HEADS, GenerationSettings
 
 EXIT_BAD_INPUT = 2
 METHOD_NAMES = ("read", "full", "lora", "adapter", "bitfit", "prompt", "lst")
@@ -86,6 +86,9 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--baseline-seeds", type=positive_int,
                        help="use only the first N seeds for methods other than read and full (default: all)")
     bench.add_argument("--model", help="backbone (default: the embedded all-MiniLM-L6-v2)")
+    bench.add_argument("--decoder-head", choices=DECODER_HEADS,
+                       help="a decoder-only --model: rank label words (label-words) or train a classification head "
+                            "on the last token (classifier); default: readapt train's")
     bench.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR)")
     bench.add_argument("--max-train-samples", type=positive_int, help="seeded random training subset per task")
     bench.add_argument("--max-eval-samples", type=positive_int, help="score only the first N dev rows")

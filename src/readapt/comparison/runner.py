@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from readapt.errors import ConfigError
 from readapt.io import atomic_write_text
 from readapt.methods import METHODS
+from readapt.settings import DECODER_HEADS
 from readapt.tasks import GLUE_TASKS
 
 RESULTS_FILE = "results.jsonl"
@@ -37,6 +38,8 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [1])
     baseline_seeds: int | None = None  # how many of `seeds` methods other than read/full use (None: all)
     model: str | None = None
+    # a decoder-only backbone on a classification/regression task: "label-words" or "classifier" (None: train's)
+    decoder_head: str | None = None
     data_dir: str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -65,6 +68,8 @@ class BenchConfig:
                 raise ConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         for method, options in self.method_options.items():
             METHODS[method].validate_options(options)
+        if self.decoder_head is not None and self.decoder_head not in DECODER_HEADS:
+            raise ConfigError(f"unknown decoder head {self.decoder_head!r}; choose one of {', '.join(DECODER_HEADS)}")
         if not self.tasks or not self.methods or not self.seeds:
             raise ConfigError("bench needs at least one task, one method and one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -105,7 +110,7 @@ def cell_key(record: dict) -> tuple:
 def plan(config: BenchConfig) -> list[dict[str, Any]]:
     """Every measurement of the matrix, as worker specs (training runs first, then the memory sweep)."""
     output = Path(config.output_dir)
-    common = {"model": config.model, "data_dir": config.data_dir, "max_length": config.max_length,
+    common = {"model": config.model, "decoder_head": config.decoder_head, "data_dir": config.data_dir, "max_length": config.max_length,
               "cpu": config.cpu, "threads": config.threads()}
     specs = []
     for task in config.tasks:

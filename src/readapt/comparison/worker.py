@@ -48,6 +48,7 @@ def run_training(spec: dict) -> dict[str, Any]:
         # A cell is re-run whole if it fails; writing checkpoints would only add time and (full fine-tuning:
         # a transient copy of weights + optimizer state) memory to what the cell measures.
         checkpoints=False,
+        **({"decoder_head": spec["decoder_head"]} if spec.get("decoder_head") else {}),
     )
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
     energy = EnergyMeter(device)
@@ -103,7 +104,8 @@ def measure_inference(spec: dict) -> dict[str, Any]:
 
     task, _, dev = load_task_data(DataConfig(task=spec["task"], data_dir=spec.get("data_dir")), seed=0)
     rows = next(iter(dev.values()))
-    loaded = load_backbone(spec.get("model"), task.num_labels, task.is_regression)
+    loaded = load_backbone(spec.get("model"), task.num_labels, task.is_regression,
+                           **({"decoder_head": spec["decoder_head"]} if spec.get("decoder_head") else {}))
     adapter = Path(spec["run_dir"]) / ADAPTER_DIR
     model = method_of(adapter).load(loaded.model, adapter)
     accelerator = Accelerator(cpu=spec.get("cpu", False))
