@@ -158,7 +158,8 @@ def test_token_mixer_config_is_validated_and_resolved_per_family():
     with pytest.raises(ConfigError, match="token_mixer_heads=3 does not divide hidden_size=16"):
         ReadConfig(hidden_size=16, token_mixer_layers=1, token_mixer_heads=3)
     for bad in ({"token_mixer_layers": -1}, {"token_mixer_layers": True}, {"token_mixer_dropout": 1.0},
-                {"token_mixer_heads": 0}, {"token_mixer_ffn_multiple": 0}):
+                {"token_mixer_heads": 0}, {"token_mixer_ffn_multiple": 0}, {"token_mixer_attention_dropout": -0.1},
+                {"token_mixer_attention_dropout": True}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             ReadConfig(**bad)
     from readapt.read.config import AUTO_TOKEN_MIXER_LAYERS
@@ -249,3 +250,22 @@ def test_a_padded_batch_gets_the_corrections_of_its_rows_alone(options):
     with torch.no_grad():
         padded, alone = delta(slice(0, 2), 6), delta(slice(1, 2), 3)
     torch.testing.assert_close(padded[1, :3], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_its_own_setting_and_the_rest_keep_token_mixer_dropout():
+    from readapt.read.side_network import TokenMixer
+
+    shared = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2,
+                                      token_mixer_dropout=0.2), causal=False)
+    assert [layer.self_attn.dropout for layer in shared.layers] == [0.2, 0.2]  # None: the same as the rest
+    apart = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2, token_mixer_dropout=0.2,
+                                     token_mixer_attention_dropout=0.0), causal=False)
+    for layer in apart.layers:
+        assert layer.self_attn.dropout == 0.0
+        assert layer.dropout.p == layer.dropout1.p == layer.dropout2.p == 0.2
+    # attention without its dropout is deterministic in training; the residual dropout still draws masks
+    x = torch.randn(2, 5, 8)
+    apart.train()
+    for layer in apart.layers:
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.0
+    assert torch.equal(apart(x, None), apart(x, None))

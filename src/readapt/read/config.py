@@ -109,7 +109,11 @@ class ReadConfig:
     token_mixer_ffn_multiple: int = field(default=2, metadata={
         "help": "the token mixer's feed-forward width, as a multiple of hidden_size"})
     token_mixer_dropout: float = field(default=0.1, metadata={
-        "help": "dropout inside the token mixer's layers (attention weights, feed-forward, residual branches)"})
+        "help": "dropout inside the token mixer's layers (feed-forward and residual branches; the attention weights "
+                "too unless token_mixer_attention_dropout is set)"})
+    token_mixer_attention_dropout: float | None = field(default=None, metadata={
+        "help": "dropout on the token mixer's attention weights; None: token_mixer_dropout. 0 lets attention run "
+                "fused (scaled_dot_product_attention without a dropout mask)"})
     separator_token_id: int | None = field(default=None, metadata={
         "help": "the token that ends the first text ('segments' context); default: the backbone config's "
                 "sep_token_id (readapt's loader sets it from the tokenizer)"})
@@ -160,9 +164,12 @@ class ReadConfig:
         if layers and self.hidden_size is not None and self.hidden_size % self.token_mixer_heads:
             raise ConfigError(f"ReadConfig.token_mixer_heads={self.token_mixer_heads} does not divide hidden_size="
                               f"{self.hidden_size}: every attention head needs an equal share of the width")
-        value = self.token_mixer_dropout
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ConfigError(f"ReadConfig.token_mixer_dropout={value!r} is invalid; it must be a number in [0, 1)")
+        for name in ("token_mixer_dropout", "token_mixer_attention_dropout"):
+            value = getattr(self, name)
+            if value is None and name == "token_mixer_attention_dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be a number in [0, 1)")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
             raise ConfigError(f"ReadConfig.scaling={self.scaling!r} is invalid; it must be a finite number")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:

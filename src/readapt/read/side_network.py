@@ -141,6 +141,9 @@ class TokenMixer(nn.Module):
             nn.TransformerEncoderLayer(width, config.token_mixer_heads, config.token_mixer_ffn_multiple * width,
                                        config.token_mixer_dropout, activation="gelu", batch_first=True, norm_first=True)
             for _ in range(config.token_mixer_layers))
+        attention_dropout = config.token_mixer_attention_dropout
+        for layer in self.layers if attention_dropout is not None else ():
+            layer.self_attn.dropout = attention_dropout  # what MultiheadAttention passes as the SDPA dropout_p
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
