@@ -311,3 +311,30 @@ def test_an_adapter_on_an_int8_backbone_records_int8_and_loads_on_int8_again(kin
     float_model = get_read_model(_load(tiny_models, kind, "float32").model, SMALL)
     float_model.save_pretrained(tmp_path / "float32")
     assert json.loads((tmp_path / "float32" / "adapter_config.json").read_text())["backbone_dtype"] == "float32"
+
+
+def test_eval_and_predict_load_an_int8_adapters_backbone_in_int8(tiny_models, tmp_path, monkeypatch):
+    """`readapt eval` / `readapt predict` score the model that was trained: an adapter trained on an int8 backbone
+    is scored on the int8 backbone (the dtype its adapter_config.json records), not on float32 weights."""
+    from readapt.inference import Predictor
+    from readapt.quantization import quantized_dtype
+    from readapt.recipe.evaluation import evaluate_adapter
+
+    data = _task(tmp_path)
+    config = TrainingConfig(data=data, model=str(tiny_models["bert"]), epochs=2, batch_size=8, eval_batch_size=16,
+                            max_length=32, progress=False, output_dir=str(tmp_path / "run"), overwrite=True,
+                            method_options={"hidden_size": 16}, backbone_dtype="int8")
+    metrics = train(config)
+    adapter = tmp_path / "run" / "adapter"
+    scored = evaluate_adapter(data, str(tiny_models["bert"]), adapter, max_length=32, progress=False, cpu=True)
+    assert scored == metrics["best_dev"]
+    import readapt.recipe.evaluation as evaluation
+
+    asked = []
+    real = evaluation.load_backbone
+    monkeypatch.setattr(evaluation, "load_backbone", lambda *a, **k: asked.append(k["dtype"]) or real(*a, **k))
+    evaluate_adapter(data, str(tiny_models["bert"]), adapter, max_length=32, progress=False, cpu=True,
+                     dtype="float32")
+    assert asked == ["float32"]  # an explicit dtype wins over the recorded one
+    predictor = Predictor([adapter], model=str(tiny_models["bert"]), cpu=True)
+    assert quantized_dtype(predictor.model.backbone) == "int8"

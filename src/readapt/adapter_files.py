@@ -49,6 +49,14 @@ def read_adapter_metadata(adapter_directory: Path, method: str | None = None) ->
     return metadata
 
 
+def recorded_backbone_dtype(adapter_directory: Path) -> str | None:
+    """The dtype the adapter's backbone was trained in ("float32", "bfloat16", "int8", ...), where it records one:
+    scoring or serving it on the backbone in another dtype (an int8-trained head on float32 features) would not
+    be the model that was trained."""
+    dtype = read_adapter_metadata(adapter_directory).get("backbone_dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
 def _describe(signature: dict) -> str:
     stacks = " + ".join(f"{s['num_layers']} {name} layers of width {s['hidden_size']}" for name, s in signature["stacks"].items())
     return f"{signature['architecture']} ({signature['model_type']}, {stacks})"

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from readapt.adapter_files import ADAPTER_DIR, read_adapter_metadata
+from readapt.adapter_files import ADAPTER_DIR, read_adapter_metadata, recorded_backbone_dtype
 from readapt.answers import candidate_scores, generate_texts, no_kv_cache
 from readapt.encoding import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError, IncompatibleAdapterError
@@ -154,8 +154,9 @@ class Predictor:
         first = self.entries[0]
         if model is None:  # the backbone the first adapter records (AutoReadModel's rule), else the embedded one
             model = portable_source(read_adapter_metadata(first.directory).get("base_model_name_or_path") or "") or None
+        # the dtype the first adapter was trained in (its int8 / bfloat16 backbone), as AutoReadModel loads it
         loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression,
-                               decoder_head="label-words" if first.spec.text_to_text else "classifier",
+                               dtype=recorded_backbone_dtype(first.directory), decoder_head="label-words" if first.spec.text_to_text else "classifier",
                                generation=first.spec.task.is_generation)
         for entry in self.entries:
             if (entry.spec.text_to_text, entry.spec.causal_lm) != (loaded.text_to_text, loaded.causal_lm):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from readapt.adapter_files import recorded_backbone_dtype
 from readapt.answers import candidate_scores, generate_texts, no_kv_cache
 from readapt.encoding import Candidates, Collator, candidates_for, encode
 from readapt.errors import ConfigError, DataError
@@ -118,11 +119,12 @@ def main_score(task: Task, results: dict[str, dict[str, float]]) -> float:
 
 def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Path, batch_size: int = 64,
                      max_length: int | None = None, progress: bool = True,
-                     cpu: bool = False) -> dict[str, dict[str, float]]:
+                     cpu: bool = False, dtype: str | None = None) -> dict[str, dict[str, float]]:
     """Load a backbone and a trained adapter (any method) and score the task's dev split(s). The task, its columns
     and max length come from the adapter's task.json where it has one (`readapt train` writes it): `data` then
     needs no task (a GLUE task's dev set is found as in training; a custom task's rows come from
-    `data.validation_file`), and what `data` does name overrides it."""
+    `data.validation_file`), and what `data` does name overrides it. `dtype`: the backbone's weights (None: the
+    dtype the adapter records it was trained in, e.g. int8)."""
     from accelerate import Accelerator
 
     from readapt.task_spec import TASK_FILE, read_task_file
@@ -135,7 +137,8 @@ def evaluate_adapter(data: DataConfig, model_name: str | None, adapter: str | Pa
     decoder_head = "label-words" if spec is None or spec.text_to_text else "classifier"
     generation = GenerationSettings(**spec.generation) if spec is not None and spec.generation else None
     max_length = max_length or (spec.max_length if spec is not None else 128)
-    loaded = load_backbone(model_name, task.num_labels, task.is_regression, decoder_head=decoder_head,
+    loaded = load_backbone(model_name, task.num_labels, task.is_regression,
+                           dtype=dtype or recorded_backbone_dtype(adapter), decoder_head=decoder_head,
                            generation=task.is_generation)
     model = method.load(loaded.model, adapter)
     accelerator = Accelerator(cpu=cpu)
