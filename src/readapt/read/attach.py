@@ -39,7 +39,6 @@ class StackAttachment:
         self._embedding_hooks = True
 
     def _install_hooks(self) -> None:
-        side_dtype = next(self.read.parameters()).dtype
         coupled = self.read_config.couple_encoder
         if self.read_config.h0 == "embeddings":
             self._install_embedding_hooks()
@@ -48,7 +47,7 @@ class StackAttachment:
                 self._hooks.append(layer.register_forward_hook(functools.partial(self._on_layer_output, stack.name, index)))
             # The coupled decoder must back-propagate into the corrected encoder output it consumes.
             run_without_grad = not (coupled and stack.name == "decoder")
-            self._wrap_stack(stack, side_dtype, run_without_grad)
+            self._wrap_stack(stack, run_without_grad)
         # The caller's 2D attention mask, for sequence context (an encoder stack itself may get only a 4D one).
         self._hooks.append(self.backbone.register_forward_pre_hook(self._pick_up_attention_mask, with_kwargs=True))
         self._hooks.append(self.backbone.register_forward_hook(self._drop_attention_mask, always_call=True))
@@ -77,11 +76,18 @@ class StackAttachment:
         self._hooks.append(head.register_forward_pre_hook(cast_floating_inputs(torch.float32), with_kwargs=True))
         return head
 
-    def _wrap_stack(self, stack: Stack, side_dtype: torch.dtype, run_without_grad: bool) -> None:
+    def _capture_dtype(self, stack: Stack) -> torch.dtype:
+        """The dtype the (active adapter's) side network of `stack` computes in: the states are captured in it, so
+        a low-precision side network gets the backbone's bfloat16 states without a float32 copy between."""
+        network = self.read[stack.name]
+        return network.compute_dtype_for(self.backbone_dtype, network.up_projection.weight.device)
+
+    def _wrap_stack(self, stack: Stack, run_without_grad: bool) -> None:
         original = stack.module.forward
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
+            side_dtype = self._capture_dtype(stack)
             if self._replay is not None:
                 capture, output = self._next_cached_call(stack, side_dtype)
                 return self._apply_correction(stack, capture, output, kwargs)

@@ -14,6 +14,7 @@ from readapt.errors import ConfigError
 # "mlp" is the non-recurrent ablation: a separate one-layer MLP per backbone layer instead of one shared RNN
 # (no state carried across layers; N times the weights).
 RNN_TYPES = ("gru", "lstm", "rnn", "mlp")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 AGGREGATIONS = ("mean", "last")
 H0_MODES = ("zeros", "embeddings")
 # "auto" (the default) is resolved when READ meets its backbone (ReadConfig.resolved_for): "segments" for encoder-only
@@ -139,6 +140,10 @@ class ReadConfig:
     recompute_chunk_tokens: int | None = field(default=None, metadata={
         "help": "tokens per recomputed chunk: bounds the side network's activation memory during backward; unset "
                 "(None): auto = as many as the free memory allows (256 with recompute=True)"})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "the dtype the side network computes in; its weights stay float32 (the optimizer's master copy) and "
+                "are cast once per forward. auto: the backbone's bfloat16/float16 on a GPU, else float32 (on the "
+                "CPU low-precision matmuls are rarely faster)", "choices": COMPUTE_DTYPES})
     rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of the RMS normalisation of the states"})
     method: str = field(default="read", init=False)
 
@@ -147,6 +152,7 @@ class ReadConfig:
 
     def validate(self) -> None:
         _choice("rnn_type", self.rnn_type, RNN_TYPES)
+        _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("h0", self.h0, H0_MODES)
         _choice("sequence_context", self.sequence_context, SEQUENCE_CONTEXTS)
@@ -248,6 +254,8 @@ class ReadConfig:
             raise ConfigError(f"adapter method {method!r} is not READ; load it with the matching method")
         if saved and "token_mixer_layers" not in data:
             data["token_mixer_layers"] = 0  # saved before the token mixer existed: that adapter has none
+        if saved and "compute_dtype" not in data:
+            data["compute_dtype"] = "float32"  # saved before compute_dtype existed: its side network ran in float32
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

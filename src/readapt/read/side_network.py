@@ -27,6 +27,12 @@ the RNN on [CLS] alone, four vectors per layer).
 
 The caller adds δφ to the stack's final hidden state. Because the up-projection starts at zero, an
 untrained side network changes nothing, bit for bit.
+
+Precision (ReadConfig.compute_dtype): the weights are float32, the optimizer's master copy. In low precision
+(a bfloat16 backbone on a GPU, by default) the forward casts them all at once (one concatenation, one cast,
+views: the GRU's weights form one contiguous chunk) and computes in that dtype; their gradients flow back
+through the cast into the float32 weights. δφ is returned in float32, so that the caller adds it to φ_N in
+float32 (a small correction is not rounded away).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from readapt.errors import ConfigError
+from readapt.frozen import LOW_PRECISION
 from readapt.read.config import ReadConfig, auto_hidden_size
 from readapt.read.recompute import RecomputePolicy
 
@@ -166,6 +173,38 @@ class TokenMixer(nn.Module):
         return self.norm(x)
 
 
+class _Correction(nn.Module):
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, *args):
+        return self.network._correction(*args)
+
+
+class _InDtype:
+    """`network._correction` computed in `dtype`: every weight cast at once (at construction: once per forward),
+    swapped in for the call by torch.func.functional_call (which also keeps an nn.GRU's flat weight list in step).
+    Called again by a chunk's recompute, it swaps in the same cast tensors."""
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype):
+        self.module = _Correction(network)
+        names, weights = zip(*network.named_parameters(), strict=True)
+        flat = torch.cat([w.reshape(-1) for w in weights]).to(dtype)
+        views = flat.split([w.numel() for w in weights])
+        self.weights = {f"network.{n}": v.view(w.shape) for n, v, w in zip(names, views, weights, strict=True)}
+
+    def __call__(self, *args) -> torch.Tensor:
+        try:
+            return torch.func.functional_call(self.module, self.weights, args)
+        finally:
+            # functional_call puts the weights back by a path that leaves an RNN's flat weight list on the cast
+            # copies (keeping their graph alive, and stale for a later call in another dtype): rebuild it
+            for module in self.module.network.modules():
+                if isinstance(module, nn.RNNBase):
+                    module._init_flat_weights()
+
+
 class ReadSideNetwork(nn.Module):
     def __init__(self, model_dim: int, config: ReadConfig, encoder_dim: int | None = None, causal: bool = False,
                  num_layers: int | None = None):
@@ -179,6 +218,7 @@ class ReadSideNetwork(nn.Module):
         self.scaling = config.scaling
         self.aggregation = config.aggregation
         self.recompute_policy = RecomputePolicy(config.recompute, config.recompute_chunk_tokens)
+        self.compute_dtype_setting = config.compute_dtype
         self.num_rnn_layers = config.num_rnn_layers
         self.model_dim, self.hidden_size, self.rnn_type = model_dim, r, config.rnn_type
         self.sequence_context = config.sequence_context
@@ -229,6 +269,13 @@ class ReadSideNetwork(nn.Module):
         passes the states of some positions only (a head that reads [CLS]; the feature cache); else computed here.
         "segments" needs `pooled_states` (N, B, 3, d) from `pool_states(..., second_text=...)`: only the caller has
         the token ids that say where the second text starts."""
+        master = self.up_projection.weight.dtype
+        dtype = self.compute_dtype_for(layer_states.dtype, layer_states.device)
+        if layer_states.dtype != dtype:  # states captured in another dtype (another adapter's, a cache)
+            layer_states = layer_states.to(dtype)
+        embeddings, encoder_states, pooled_states = (None if t is None else t.to(dtype)
+                                                     for t in (embeddings, encoder_states, pooled_states))
+        correction = self._correction if dtype == master else _InDtype(self, dtype)
         if self.sequence_context == "segments":
             if pooled_states is None or pooled_states.shape[2] != 3:
                 raise RuntimeError("READ's 'segments' context needs the per-text pooled states (N, B, 3, d)")
@@ -258,26 +305,36 @@ class ReadSideNetwork(nn.Module):
         plan = None
         if self.training and torch.is_grad_enabled():
             encoder_tokens = None if encoder_states is None else encoder_states.shape[1]
-            per_token = self.activation_bytes_per_token(layer_states.shape[0], layer_states.shape[2], encoder_tokens)
+            per_token = self.activation_bytes_per_token(layer_states.shape[0], layer_states.shape[2], encoder_tokens,
+                                                        dtype.itemsize)
             plan = self.recompute_policy.plan(sequences, per_token, layer_states.device)
         if plan is None or not plan.recompute:
-            return self._correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states,
-                                    mixer_mask)
+            return correction(layer_states, embeddings, encoder_states, encoder_mask, token_mask, pooled_states,
+                              mixer_mask).to(master)
         # Keep only the (already alive) inputs and rebuild the RNN activations during backward, a few
         # batch rows at a time: tokens are independent, so the activations alive at once stay bounded by
         # the chunk, whatever the batch size.
+        # (Low precision: the weights are cast once, outside the chunks; each chunk's recompute reuses that cast.)
         rows = max(1, plan.chunk_tokens // layer_states.shape[2])
         deltas = []
         for start in range(0, layer_states.shape[1], rows):
             part = slice(start, start + rows)
             deltas.append(checkpoint(
-                self._correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
+                correction, layer_states[:, part], _rows(embeddings, part), _rows(encoder_states, part),
                 _rows(encoder_mask, part), _rows(token_mask, part),
                 None if pooled_states is None else pooled_states[:, part], _rows(mixer_mask, part), use_reentrant=False,
             ))
-        return torch.cat(deltas) if len(deltas) > 1 else deltas[0]
+        return (torch.cat(deltas) if len(deltas) > 1 else deltas[0]).to(master)
 
-    def activation_bytes_per_token(self, num_layers: int, tokens_per_row: int, encoder_tokens: int | None = None) -> int:
+    def compute_dtype_for(self, states_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype this side network computes in, for a backbone's states of `states_dtype` on `device`."""
+        if self.compute_dtype_setting == "auto":
+            low = states_dtype in LOW_PRECISION and device.type == "cuda"
+            return states_dtype if low else self.up_projection.weight.dtype
+        return getattr(torch, self.compute_dtype_setting)
+
+    def activation_bytes_per_token(self, num_layers: int, tokens_per_row: int, encoder_tokens: int | None = None,
+                                   element_size: int | None = None) -> int:
         """About what autograd keeps per token (RNN sequence) for backward when this side network runs without
         recompute, from its shapes: `num_layers` layer steps, rows of `tokens_per_row` tokens (the token mixer's
         attention grows with them), a decoder's `encoder_tokens` (encoder context). The per-step factors of the
@@ -307,7 +364,7 @@ class ReadSideNetwork(nn.Module):
             per_layer = 12 * r + 3 * ffn + 4 * self.token_mixer.heads * tokens_per_row  # attention weights, masks
             floats += len(self.token_mixer.layers) * per_layer + 2 * r
         floats += r + d  # the up-projection's input and output
-        return floats * self.up_projection.weight.element_size()
+        return floats * (element_size or self.up_projection.weight.element_size())
 
     def _correction(self, layer_states, embeddings, encoder_states, encoder_mask, token_mask=None,
                     pooled_states=None, mixer_mask=None) -> torch.Tensor:
