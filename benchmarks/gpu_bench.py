@@ -35,15 +35,17 @@ from pathlib import Path
 from typing import Any
 
 INFERENCE = "inference"  # the reference row: bare backbone, forward only, no grad
+BF16_NATIVE_METHODS = (INFERENCE, "read", "lst")  # --dtype bf16-native: their frozen backbone is stored in bf16
 SEED = 0
 DEFAULT_OUTPUT = "docs/results/gpu/gpu_results.json"
 
 # Timed steps per model. Measured on an H100 80GB HBM3 in fp32 (torch 2.11): one step of every cell of a model
 # together (7 methods + inference) takes 0.87 s for t5-base and 2.0 s for t5-large, and each cell's start-up and
-# warm-up about 3-5 s; so 250 and 70 steps make the whole run about 7.5 minutes. --time-budget guards the total.
-DEFAULT_STEPS = {"t5-base": 250, "t5-large": 70, "tiny": 3}
+# warm-up about 3-5 s; so 150 and 45 steps make the whole run about 5 minutes, leaving benchmarks/gpu.sh time for
+# its second pass (bf16-native on t5-base) within 10 minutes. --time-budget guards the total.
+DEFAULT_STEPS = {"t5-base": 150, "t5-large": 45, "tiny": 3}
 DEFAULT_SHAPE = {"batch_size": 32, "source_length": 128, "target_length": 8, "warmup_steps": 10}
-DEFAULT_TIME_BUDGET_SECONDS = 480.0
+DEFAULT_TIME_BUDGET_SECONDS = 400.0
 # Start-up of one cell (fork, CUDA context, building the model, warm-up) before its first timed step is known.
 ASSUMED_CELL_SETUP_SECONDS = 15.0
 MIN_TIMED_SECONDS = 2.0  # a cell always gets at least this long, even when the budget is spent
@@ -157,6 +159,12 @@ def measure_cell(spec: dict) -> dict:
         with device:
             backbone = T5ForConditionalGeneration(t5_config(spec["model"]))
             record["backbone_params"] = count_parameters(backbone)  # before a method adds any
+            # bf16-native: a frozen backbone (inference, READ, LST) is stored in bfloat16, and READ's side network
+            # computes in it (ReadConfig.compute_dtype="auto" on a GPU; float32 master weights); the methods that
+            # train or back-propagate through the backbone keep float32 weights under bf16 autocast.
+            native = spec["dtype"] == "bf16-native" and spec["method"] in BF16_NATIVE_METHODS
+            if native:
+                backbone.to(torch.bfloat16)
             if is_inference:
                 model = backbone.eval().requires_grad_(False)
             else:
@@ -167,10 +175,13 @@ def measure_cell(spec: dict) -> dict:
                 count = TrainableCount(count_trainable(model), record["backbone_params"])
                 record.update(trainable_params=count.trainable, trainable_percent=count.percent,
                               learning_rate=method.default_lr, method_options=spec["method_options"])
+        record["precision"] = ("bf16 weights" if native else "bf16 autocast"
+                               if spec["dtype"] in ("bf16", "bf16-native") else spec["dtype"])
         batch = random_batch(backbone.config.vocab_size, spec["batch_size"], spec["source_length"],
                              spec["target_length"], device)
         batch["use_cache"] = False  # training and scoring never reuse T5's KV cache; building one only costs memory
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=spec["dtype"] == "bf16" or (spec["dtype"] == "bf16-native" and not native))
 
         def training_step():
             with autocast:
@@ -296,9 +307,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, default in DEFAULT_SHAPE.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"default {default} ({TINY_SHAPE[name]} with --tiny)")
-    parser.add_argument("--dtype", choices=("fp32", "tf32", "bf16"), default="fp32",
+    parser.add_argument("--dtype", choices=("fp32", "tf32", "bf16", "bf16-native"), default="fp32",
                         help="fp32: float32 weights and matmuls; tf32: float32 weights, TF32 matmuls; "
-                             "bf16: float32 weights under bfloat16 autocast")
+                             "bf16: float32 weights under bfloat16 autocast; bf16-native: a frozen backbone "
+                             "(inference, read, lst) stored in bfloat16 and READ's side network computing in it "
+                             "(float32 master weights), the other methods under bfloat16 autocast")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--method-options", default="{}", help='JSON: {"method": {option: value}}; default options')
     parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_SECONDS,
@@ -416,8 +429,11 @@ def read_vs_full(records: list[dict], model: str) -> dict:
             return None
         return read[key] / full[key]
 
+    forward = cells.get(INFERENCE)
+    over_forward = (read["step_seconds_mean"] / forward["step_seconds_mean"]
+                    if read and forward and read.get("step_seconds_mean") and forward.get("step_seconds_mean") else None)
     return {"peak_memory": ratio("peak_memory_bytes"), "energy_per_step": ratio("energy_joules_per_step"),
-            "step_time": ratio("step_seconds_mean")}
+            "step_time": ratio("step_seconds_mean"), "read_step_over_forward": over_forward}
 
 
 def markdown_report(results: dict) -> str:
@@ -464,10 +480,11 @@ def markdown_report(results: dict) -> str:
 
     ratios = results.get("read_vs_full") or {m: read_vs_full(records, m) for m in settings["models"]}
     lines += ["", "## READ relative to full fine-tuning (READ / full; below 1 means READ uses less)", "",
-              "| model | peak memory | energy per step | step time |", "|---|---:|---:|---:|"]
+              "| model | peak memory | energy per step | step time | READ step / no-grad forward |",
+              "|---|---:|---:|---:|---:|"]
     for model, ratio in ratios.items():
         lines.append(f"| {model} | {_fmt(ratio['peak_memory'], '.3f')} | {_fmt(ratio['energy_per_step'], '.3f')} "
-                     f"| {_fmt(ratio['step_time'], '.3f')} |")
+                     f"| {_fmt(ratio['step_time'], '.3f')} | {_fmt(ratio.get('read_step_over_forward'), '.3f')} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from readapt.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,9 @@ def test_gpu_benchmark_tiny_mode_runs_every_method_on_cpu(tmp_path):
             assert 0 < record["trainable_percent"] <= 100 + 1e-9, name
 
     assert records["read"]["trainable_params"] * 10 < records["full"]["trainable_params"]
-    assert set(results["read_vs_full"]["tiny"]) == {"peak_memory", "energy_per_step", "step_time"}
+    ratios = results["read_vs_full"]["tiny"]
+    assert set(ratios) == {"peak_memory", "energy_per_step", "step_time", "read_step_over_forward"}
+    assert ratios["read_step_over_forward"] == pytest.approx(
+        records["read"]["step_seconds_mean"] / records["inference"]["step_seconds_mean"])
     markdown = output.with_suffix(".md").read_text()
     assert "READ relative to full fine-tuning" in markdown and "| inference (no grad) | ok |" in markdown
