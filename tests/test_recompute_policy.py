@@ -112,6 +112,19 @@ def test_no_probe_and_no_decision_outside_training(monkeypatch):
     assert network.recompute_policy.first is None
 
 
+def test_data_parallel_processes_on_one_machine_split_its_ram(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 8 * 2**30})())
+    monkeypatch.setattr(recompute, "_cgroup_room", lambda: None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert recompute.free_memory_bytes(torch.device("cpu")) == 8 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert recompute.free_memory_bytes(torch.device("cpu")) == 2 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
+    assert recompute.free_memory_bytes(torch.device("cpu")) == 8 * 2**30
+
+
 def test_the_free_memory_probe_on_this_cpu():
     free = recompute.free_memory_bytes(torch.device("cpu"))
     assert isinstance(free, int) and free > 0

@@ -9,7 +9,8 @@ tokens are independent in the RNN, and a token mixer's rows never leave their ch
 
 The free memory is probed once, at the side network's first training call (CUDA: `torch.cuda.mem_get_info` plus what
 torch's caching allocator holds unused; CPU: the available RAM, `psutil.virtual_memory().available`, or less where a
-cgroup caps the process); the activation bytes per token come from the side network's shapes
+cgroup caps the process, divided among the data-parallel processes of this machine, which share that RAM); the
+activation bytes per token come from the side network's shapes
 (ReadSideNetwork.activation_bytes_per_token). The first decision is logged (logger "readapt"), as is any later one
 that differs in kind; `summary()` is what metrics.json records (ReadModel.recompute_summary).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +49,19 @@ def _cgroup_room() -> int | None:
     return None
 
 
+def processes_sharing_ram() -> int:
+    """Data-parallel processes on this machine (LOCAL_WORLD_SIZE, set by torchrun and Accelerate's launcher): each
+    probes the same RAM, and each may fill its share at once."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """What more the process can allocate on `device`: CUDA: free device memory plus the caching allocator's reserved
-    but unused blocks; CPU: available RAM (within a cgroup's limit). None: a device this probe does not know."""
+    but unused blocks; CPU: available RAM (within a cgroup's limit), this process's share of it when data-parallel
+    processes run on the machine. None: a device this probe does not know."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
@@ -58,7 +70,7 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
         available = int(psutil.virtual_memory().available)
         room = _cgroup_room()
-        return available if room is None else min(available, room)
+        return (available if room is None else min(available, room)) // processes_sharing_ram()
     return None
 
 
