@@ -32,6 +32,17 @@ class Flag:
     dest: str
 
 
+def add_adapter_arguments(parser: argparse.ArgumentParser, adapter_help: str, name_help: str) -> None:
+    """--model, --adapter (repeatable) and --name (repeatable): the adapters that `readapt predict` and `readapt
+    serve` load onto one backbone."""
+    parser.add_argument("--model", help="the backbone every adapter was trained on (default: the one the first adapter "
+                        "records, else the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--adapter", action="append", required=True, metavar="DIR", help=adapter_help)
+    parser.add_argument("--name", action="append", default=[], metavar="NAME",
+                        help=f"{name_help} of the adapter at the same position (default: the adapter folder's name, "
+                             "or its run folder's for <run>/adapter); repeatable")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls, *, only: Iterable[str] | None = None,
                          skip: Iterable[str] = (), flag_names: dict[str, str] | None = None, prefix: str = "",
                          unset_defaults: bool = False, groups: dict[str, Any] | None = None) -> list[Flag]:

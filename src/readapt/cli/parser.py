@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from readapt.cli.flags import Flag, add_config_arguments, comma_list, positive_int
+from readapt.cli.flags import Flag, add_adapter_arguments, add_config_arguments, comma_list, positive_int
 from readapt.methods import get_method
 from readapt.read.config import ReadConfig
 from readapt.recipe.config import LANGUAGE_MODELS, DataConfig, TrainingConfig
@@ -132,13 +132,8 @@ def _add_eval_parser(commands) -> None:
 
 def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict with one or many READ adapters, one backbone pass per batch")
-    predict.add_argument("--model", help="the backbone every adapter was trained on (default: the one the first adapter "
-                         "records, else the embedded all-MiniLM-L6-v2)")
-    predict.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                         help="READ adapter directory written by `readapt train` (holds task.json); repeatable")
-    predict.add_argument("--name", action="append", default=[], metavar="NAME",
-                         help="prediction column of the adapter at the same position (default: the adapter folder's "
-                              "name, or its run folder's for <run>/adapter); repeatable")
+    add_adapter_arguments(predict, "READ adapter directory written by `readapt train` (holds task.json); repeatable",
+                          "prediction column")
     predict.add_argument("--input", required=True, metavar="FILE",
                          help="rows to predict: CSV, TSV or JSONL (optionally .gz) with the columns the adapters' tasks read")
     predict.add_argument("--output", metavar="FILE", help="CSV or JSONL, by extension (default: JSONL on stdout)")

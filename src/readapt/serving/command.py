@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import uvicorn
 
+from readapt.cli.flags import add_adapter_arguments
 from readapt.errors import ConfigError
 from readapt.serving.settings import ServeSettings
 
@@ -47,13 +48,8 @@ def _non_negative_float(text: str) -> float:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeSettings()
-    parser.add_argument("--model", help="the backbone every adapter was trained on (default: the one the first adapter "
-                        "records, else the embedded all-MiniLM-L6-v2)")
-    parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="a READ adapter folder with its task.json (e.g. runs/sst2/adapter); repeat for more")
-    parser.add_argument("--name", action="append", default=[], metavar="NAME",
-                        help="answer key of the adapter at the same position (default: the adapter folder's "
-                             "name, or the run folder's for <run>/adapter)")
+    add_adapter_arguments(parser, "a READ adapter folder with its task.json (e.g. runs/sst2/adapter); repeatable",
+                          "answer key")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0: any free port)")
     parser.add_argument("--batch-window-ms", type=_non_negative_float, default=defaults.batch_window_ms,
