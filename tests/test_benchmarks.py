@@ -125,3 +125,15 @@ def test_encoder_context_ablation_runs_both_variants(tmp_path, capsys):
     assert all(0 <= r["score"] <= 100 and r["dev_examples"]["validation"] == 16 for r in records)
     assert "| with encoder context |" in capsys.readouterr().out
     assert len(output.read_text().splitlines()) == 2
+
+
+def test_memory_benchmark_takes_read_options_and_a_subset_of_modes(tmp_path, capsys):
+    result = _load("memory").main(["--size", "tiny", "--batch-size", "4", "--source-length", "16", "--read-hidden-size",
+                                   "8", "--quantized", "", "--modes", "inference,read", "--read-options",
+                                   '{"recompute": true, "compute_dtype": "bfloat16"}'])
+    assert set(result["runs"]) == {"inference", "read"}
+    assert set(result["ratios"]) == {"read/inference"} and result["ratios"]["read/inference"] > 0
+    assert result["read_options"] == {"recompute": True, "compute_dtype": "bfloat16"}
+    assert "READ/full" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--modes"):
+        _load("memory").main(["--size", "tiny", "--modes", "read"])
