@@ -223,6 +223,21 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def _header(first: str, tasks) -> list[str]:
+    return [f"| {first} | " + " | ".join(tasks) + " | average | seeds | train CPU s | peak MB | trainable |",
+            "|---" * (len(tasks) + 6) + "|"]
+
+
+def _summary_row(label: str, mine: list[dict], tasks) -> str:
+    """One table row: mean ± std per task, the average over tasks (once every task has a run), seeds and costs."""
+    per_task = {t: [r["score"] for r in mine if r["task"] == t] for t in tasks}
+    average = statistics.mean(statistics.mean(v) for v in per_task.values()) if all(per_task.values()) else None
+    return (f"| {label} | " + " | ".join(_mean_std(v) for v in per_task.values())
+            + f" | {'—' if average is None else f'{average:.1f}'} | {len({r['seed'] for r in mine})} | "
+            f"{statistics.mean(r['train_cpu_seconds'] for r in mine):.0f} | "
+            f"{statistics.mean(r['peak_memory_mb'] for r in mine):.0f} | {mine[0]['trainable_parameters']:,} |")
+
+
 def table(rows: list[dict]) -> str:
     lines = []
     for phase, title in (("small", f"{SMALL_ROWS:,} training rows"), ("full", "full GLUE training sets "
@@ -231,21 +246,11 @@ def table(rows: list[dict]) -> str:
         if not subset:
             continue
         tasks = [t for t in TASKS if any(r["task"] == t for r in subset)]
-        lines += [f"### {title}", "", "| method | " + " | ".join(tasks) + " | average | seeds | train CPU s | peak MB "
-                  "| trainable |", "|---" * (len(tasks) + 6) + "|"]
+        lines += [f"### {title}", "", *_header("method", tasks)]
         for method in METHODS:
             mine = [r for r in subset if r["method"] == method]
-            if not mine:
-                continue
-            per_task = {t: [r["score"] for r in mine if r["task"] == t] for t in tasks}
-            complete = all(per_task.values())
-            average = statistics.mean(statistics.mean(v) for v in per_task.values()) if complete else None
-            seeds = sorted({r["seed"] for r in mine})
-            lines.append(f"| {method} | " + " | ".join(_mean_std(v) for v in per_task.values())
-                         + f" | {'—' if average is None else f'{average:.1f}'} | {len(seeds)} | "
-                         f"{statistics.mean(r['train_cpu_seconds'] for r in mine):.0f} | "
-                         f"{statistics.mean(r['peak_memory_mb'] for r in mine):.0f} | "
-                         f"{mine[0]['trainable_parameters']:,} |")
+            if mine:
+                lines.append(_summary_row(method, mine, tasks))
         lines.append("")
     return "\n".join(lines)
 
@@ -256,18 +261,11 @@ def second_table(second: list[dict], runs: list[dict]) -> str:
     if not second:
         return ""
     lines = [f"### Second backbone: SmolLM2-135M-Instruct, classification head, {SMALL_ROWS:,} training rows, "
-             f"{EPOCHS_SECOND} epochs", "", "| variant | " + " | ".join(SECOND_TASKS) + " | average | seeds | "
-             "train CPU s | peak MB | trainable |", "|---" * (len(SECOND_TASKS) + 6) + "|"]
+             f"{EPOCHS_SECOND} epochs", "", *_header("variant", SECOND_TASKS)]
     for variant in SECOND_VARIANTS:
         mine = [r for r in second if r["variant"] == variant]
-        if not mine:
-            continue
-        per_task = {t: [r["score"] for r in mine if r["task"] == t] for t in SECOND_TASKS}
-        average = statistics.mean(statistics.mean(v) for v in per_task.values()) if all(per_task.values()) else None
-        lines.append(f"| {variant} | " + " | ".join(_mean_std(v) for v in per_task.values())
-                     + f" | {'—' if average is None else f'{average:.1f}'} | {len({r['seed'] for r in mine})} | "
-                     f"{statistics.mean(r['train_cpu_seconds'] for r in mine):.0f} | "
-                     f"{statistics.mean(r['peak_memory_mb'] for r in mine):.0f} | {mine[0]['trainable_parameters']:,} |")
+        if mine:
+            lines.append(_summary_row(variant, mine, SECOND_TASKS))
     small_full = [r for r in runs if r["phase"] == "small" and r["method"] == "full" and r["task"] in SECOND_TASKS]
     trade = []
     for variant in (v for v in SECOND_VARIANTS if v.startswith("read")):

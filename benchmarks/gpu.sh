@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Short GPU benchmark of READ against every baseline (benchmarks/gpu_bench.py), in one go, on one GPU.
 #
-#   bash benchmarks/gpu.sh                  # both passes below, ~8 minutes on an H100
+#   bash benchmarks/gpu.sh                  # both passes below, ~8 minutes on an H100 (estimated, not yet run)
 #   bash benchmarks/gpu.sh --dtype bf16     # any gpu_bench.py option passes through
 #   bash benchmarks/gpu.sh --tiny --output /tmp/r.json   # tiny config: runs on a CPU in seconds
 #
@@ -30,7 +30,8 @@ fi
 if [[ $# -gt 0 ]]; then
     exec "$python_bin" benchmarks/gpu_bench.py "$@"
 fi
-# No options: the two passes that the results README reports, in about 8 minutes on an H100 -
+# No options: the two passes that the results README reports, in about 8 minutes on an H100 (estimated from the
+# last run's per-step times; not yet run this way) -
 # every method on T5-base and T5-large in fp32, then READ and full fine-tuning on T5-base with a bfloat16 frozen
 # backbone and READ's side network computing in bfloat16 (full fine-tuning under bf16 autocast).
 "$python_bin" benchmarks/gpu_bench.py --time-budget 400 --output docs/results/gpu/gpu_results.json

@@ -156,7 +156,8 @@ class Predictor:
             model = portable_source(read_adapter_metadata(first.directory).get("base_model_name_or_path") or "") or None
         # the dtype the first adapter was trained in (its int8 / bfloat16 backbone), as AutoReadModel loads it
         loaded = load_backbone(model, first.spec.task.num_labels, first.spec.task.is_regression,
-                               dtype=recorded_backbone_dtype(first.directory), decoder_head="label-words" if first.spec.text_to_text else "classifier",
+                               dtype=recorded_backbone_dtype(first.directory),
+                               decoder_head="label-words" if first.spec.text_to_text else "classifier",
                                generation=first.spec.task.is_generation)
         for entry in self.entries:
             if (entry.spec.text_to_text, entry.spec.causal_lm) != (loaded.text_to_text, loaded.causal_lm):

@@ -110,8 +110,8 @@ def cell_key(record: dict) -> tuple:
 def plan(config: BenchConfig) -> list[dict[str, Any]]:
     """Every measurement of the matrix, as worker specs (training runs first, then the memory sweep)."""
     output = Path(config.output_dir)
-    common = {"model": config.model, "decoder_head": config.decoder_head, "data_dir": config.data_dir, "max_length": config.max_length,
-              "cpu": config.cpu, "threads": config.threads()}
+    common = {"model": config.model, "decoder_head": config.decoder_head, "data_dir": config.data_dir,
+              "max_length": config.max_length, "cpu": config.cpu, "threads": config.threads()}
     specs = []
     for task in config.tasks:
         for method in config.methods:

@@ -30,6 +30,11 @@ def _configure_threads(spec: dict) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _decoder_head(spec: dict) -> dict[str, str]:
+    """The cell's decoder head as a keyword, when the bench names one (else training's and loading's default)."""
+    return {"decoder_head": spec["decoder_head"]} if spec.get("decoder_head") else {}
+
+
 def run_training(spec: dict) -> dict[str, Any]:
     """Train one cell and measure its energy; then measure inference in a fresh process."""
     import torch
@@ -48,7 +53,7 @@ def run_training(spec: dict) -> dict[str, Any]:
         # A cell is re-run whole if it fails; writing checkpoints would only add time and (full fine-tuning:
         # a transient copy of weights + optimizer state) memory to what the cell measures.
         checkpoints=False,
-        **({"decoder_head": spec["decoder_head"]} if spec.get("decoder_head") else {}),
+        **_decoder_head(spec),
     )
     device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
     energy = EnergyMeter(device)
@@ -104,8 +109,7 @@ def measure_inference(spec: dict) -> dict[str, Any]:
 
     task, _, dev = load_task_data(DataConfig(task=spec["task"], data_dir=spec.get("data_dir")), seed=0)
     rows = next(iter(dev.values()))
-    loaded = load_backbone(spec.get("model"), task.num_labels, task.is_regression,
-                           **({"decoder_head": spec["decoder_head"]} if spec.get("decoder_head") else {}))
+    loaded = load_backbone(spec.get("model"), task.num_labels, task.is_regression, **_decoder_head(spec))
     adapter = Path(spec["run_dir"]) / ADAPTER_DIR
     model = method_of(adapter).load(loaded.model, adapter)
     accelerator = Accelerator(cpu=spec.get("cpu", False))
