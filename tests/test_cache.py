@@ -137,6 +137,31 @@ def test_replay_on_the_same_batches_is_bit_exact(kind, options, tiny_models, tmp
         model.zero_grad()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_entry_files_are_never_memory_mapped_and_an_unpickled_entry_reads_the_same(tiny_models, tmp_path):
+    """The cache is written and read by position: a memory map would put every page an epoch touches into the
+    process's resident set, and its peak RSS would then measure the cache's size, not training's memory."""
+    import pickle
+
+    model, loaded = _read_model(tiny_models["bert"], ReadConfig(hidden_size=16))
+    features = _features(loaded)
+    collator = Collator(loaded.tokenizer.pad_token_id, loaded.text_to_text, False)
+    cache = FeatureCache(model, loaded.tokenizer, max_length=24, text_to_text=False, directory=tmp_path,
+                         dtype="float16")
+    plan = cache.plan("train", [(model.adapted_stacks[0].name, [f["input_ids"] for f in features])])
+    entry = cache.open_or_build(plan, lambda batch: model(**batch), features, collator, batch_size=4, device="cpu",
+                                sort_by_length=False)
+    rows = [0, 3, 5]
+    states = entry.batch(rows).calls[0].states
+    assert states.abs().sum() > 0
+    assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
+    again = pickle.loads(pickle.dumps(entry))  # as a DataLoader worker gets it: the descriptor reopened
+    assert torch.equal(again.batch(rows).calls[0].states, states)
+    again.files[0].close()
+    alone = again.batch(rows[:1]).calls[0].states  # padded to row 0's own length
+    assert torch.equal(alone, states[:, :1, : alone.shape[2]])
+
+
 @pytest.mark.parametrize("options", [{"sequence_context": "none"}, {"sequence_context": "pooled"},
                                      {"sequence_context": "segments"},
                                      {"h0": "embeddings", "rnn_type": "lstm"}])  # the default context: "segments" here

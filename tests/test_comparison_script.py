@@ -72,13 +72,14 @@ def test_second_backbone_phase_plans_smollm2_with_a_classifier_head(tmp_path):
     phases = script.plan(tmp_path, False, {"read": 1e-3, "lora": 5e-4, "full": 5e-5})
     second = phases["second"]
     assert {Path(c.output_dir).name for c in second} == {
-        f"{t}-{v}" for t in ("sst2", "mrpc") for v in ("read", "read-mixer2", "lora", "full")}
+        f"{t}-{v}" for t in ("sst2", "mrpc") for v in ("read", "read-nomixer", "lora", "full")}
     for config in second:
         config.validate()
         assert (config.model, config.decoder_head, config.max_train_samples) == ("smollm2", "classifier", 1250)
         assert config.seeds == ([1, 2, 3] if config.methods == ["read"] else [1])
-    mixer = [c for c in second if c.output_dir.endswith("read-mixer2")]
-    assert all(c.method_options == {"read": {"token_mixer_layers": 2}} for c in mixer)
+    without = [c for c in second if c.output_dir.endswith("read-nomixer")]
+    assert without and all(c.method_options == {"read": {"token_mixer_layers": 0}} for c in without)
+    assert all(c.method_options == {} for c in second if c.output_dir.endswith("-read"))  # the default: a mixer
     assert script.plan(tmp_path, True, {"read": 1e-3})["second"] == []  # the CI smoke test stays on MiniLM
 
 

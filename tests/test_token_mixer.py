@@ -13,6 +13,7 @@ import torch
 from conftest import backward_with_counter, make_batch, tiny_backbone, train_steps
 from readapt import ReadConfig, get_read_model
 from readapt.errors import ConfigError
+from readapt.read.config import AUTO_TOKEN_MIXER_LAYERS
 from readapt.read.side_network import ReadSideNetwork, TokenMixer
 
 MIXER = ReadConfig(hidden_size=16, token_mixer_layers=2, token_mixer_heads=2)
@@ -168,10 +169,33 @@ def test_token_mixer_config_is_validated_and_resolved_per_family():
     assert auto.token_mixer_layers is None
     assert auto.resolved_for("encoder-only", 102).token_mixer_layers == AUTO_TOKEN_MIXER_LAYERS
     assert auto.resolved_for("decoder-only").token_mixer_layers == 0
+    assert auto.resolved_for("decoder-only", sequence_head=True).token_mixer_layers == AUTO_TOKEN_MIXER_LAYERS
+    assert auto.resolved_for("encoder-decoder", sequence_head=True).token_mixer_layers == 0
     assert auto.resolved_for("encoder-decoder").token_mixer_layers == 0
     assert ReadConfig(token_mixer_layers=3).resolved_for("decoder-only").token_mixer_layers == 3
     assert ReadConfig(token_mixer_layers=1).mixes_tokens and ReadConfig(sequence_context="mean").mixes_tokens
     assert not ReadConfig(token_mixer_layers=0).mixes_tokens
+
+
+def test_a_decoder_only_classifier_gets_a_causal_mixer_and_a_language_model_none():
+    """auto: a sequence-classification head never continues a KV cache, so READ mixes tokens there (causally);
+    a causal LM keeps its cached generation and label-word scoring without one."""
+    classifier = get_read_model(tiny_backbone("llama-cls"), ReadConfig(hidden_size=16))
+    side = classifier.read["decoder"]
+    assert classifier.read_config.token_mixer_layers == AUTO_TOKEN_MIXER_LAYERS
+    assert side.token_mixer is not None and side.causal
+    lm = get_read_model(tiny_backbone("llama"), ReadConfig(hidden_size=16))
+    assert lm.read_config.token_mixer_layers == 0 and lm.read["decoder"].token_mixer is None
+    batch = make_batch("llama-cls")
+    train_steps(classifier, batch, steps=3)
+    assert side.up_projection.weight.abs().sum() > 0  # the correction is no longer zero
+    ids = batch["input_ids"][:1]
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[:, 4:], mask[:, 4:] = 0, 0  # the same first 4 tokens, then right padding
+    with torch.no_grad():  # the head reads token 4; the causal mixer lets nothing after it in
+        prefix = classifier(input_ids=ids[:, :4], attention_mask=mask[:, :4]).logits
+        longer = classifier(input_ids=padded, attention_mask=mask).logits
+    torch.testing.assert_close(longer, prefix, rtol=1e-4, atol=1e-5)
 
 
 def test_an_adapter_saved_before_the_mixer_existed_loads_without_one():

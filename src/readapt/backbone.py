@@ -47,6 +47,12 @@ class BackboneInfo:
     model_type: str
     architecture: str
 
+    @property
+    def sequence_head(self) -> bool:
+        """Whether the head reads the whole sequence once (a sequence classifier): the stack then never continues a
+        KV cache, so READ may mix tokens on a decoder-only backbone too."""
+        return self.architecture.endswith("ForSequenceClassification")
+
     def signature(self) -> dict:
         """What an adapter records about the backbone it was trained on, checked when loading."""
         return {

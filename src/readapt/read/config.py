@@ -23,10 +23,12 @@ H0_MODES = ("zeros", "embeddings")
 # were available to measure it on.
 SEQUENCE_CONTEXTS = ("auto", "none", "mean", "pooled", "segments")
 STACK_NAMES = ("encoder", "decoder")
-# token_mixer_layers=None ("auto") on an encoder-only backbone (ReadConfig.resolved_for); 0 elsewhere: decoder-only
-# stacks keep KV-cache generation, and no T5 weights were available to measure it on. Two layers at r = 64 closed
+# token_mixer_layers=None ("auto"): AUTO_TOKEN_MIXER_LAYERS on an encoder-only backbone and on a decoder-only one
+# with a sequence-classification head (ReadConfig.resolved_for); 0 elsewhere: a decoder-only LM keeps KV-cache
+# generation and label-word scoring, and no T5 weights were available to measure it on. Two layers at r = 64 closed
 # half of the gap to full fine-tuning that READ without it opened with data (docs/results/side-network-search/:
-# all-MiniLM-L6-v2, GLUE, 400-8,000 SST-2 rows).
+# all-MiniLM-L6-v2, GLUE, 400-8,000 SST-2 rows); on SmolLM2-135M with a classification head they are worth +13
+# points on SST-2 at 1,000 rows at a third of the CPU, and equal within noise on MRPC (docs/results/comparison/).
 AUTO_TOKEN_MIXER_LAYERS = 2
 # hidden_size=None ("auto"): the backbone's width / 6, rounded up to a multiple of 32, within [64, 512]. On the
 # 384-wide default backbone r = 64 matched r = 256 (docs/results/read-recipe-cpu/, ablation) and is the token
@@ -104,7 +106,8 @@ class ReadConfig:
     token_mixer_layers: int | None = field(default=None, metadata={
         "help": "transformer encoder layers that mix the tokens' side-network summaries (attention over the real "
                 "tokens in width hidden_size, after the layer recurrence; causal on decoder-only stacks); 0: none; "
-                f"None: auto = {AUTO_TOKEN_MIXER_LAYERS} on encoder-only backbones, 0 elsewhere"})
+                f"None: auto = {AUTO_TOKEN_MIXER_LAYERS} on encoder-only backbones and decoder-only sequence "
+                "classifiers, 0 elsewhere"})
     token_mixer_heads: int = field(default=4, metadata={
         "help": "attention heads of the token mixer (they must divide hidden_size)"})
     token_mixer_ffn_multiple: int = field(default=2, metadata={
@@ -216,16 +219,19 @@ class ReadConfig:
         mixer): the side network must then run on every token, never on [CLS] (or any position) alone."""
         return self.sequence_context == "mean" or bool(self.token_mixer_layers)
 
-    def resolved_for(self, family: str, separator_token_id: int | None = None, width: int | None = None) -> ReadConfig:
+    def resolved_for(self, family: str, separator_token_id: int | None = None, width: int | None = None,
+                     sequence_head: bool = False) -> ReadConfig:
         """This config with sequence_context="auto", token_mixer_layers=None and hidden_size=None replaced by what
-        they mean for a backbone `family` (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only") and
-        `width` (its hidden size d) and, for "segments", the separator filled in from `separator_token_id` (the
-        backbone's) when not set; saved adapters hold the result."""
+        they mean for a backbone `family` (readapt.backbone: "encoder-only", "encoder-decoder", "decoder-only"),
+        `width` (its hidden size d) and `sequence_head` (its head reads the whole sequence once, as a classifier
+        does: it never continues a KV cache) and, for "segments", the separator filled in from
+        `separator_token_id` (the backbone's) when not set; saved adapters hold the result."""
         config = self
         if config.hidden_size is None and width is not None:
             config = dataclasses.replace(config, hidden_size=auto_hidden_size(width))
         if config.token_mixer_layers is None:
-            layers = AUTO_TOKEN_MIXER_LAYERS if family == "encoder-only" else 0
+            mixes = family == "encoder-only" or (family == "decoder-only" and sequence_head)
+            layers = AUTO_TOKEN_MIXER_LAYERS if mixes else 0
             config = dataclasses.replace(config, token_mixer_layers=layers)
         if config.separator_token_id is None and separator_token_id is not None:
             config = dataclasses.replace(config, separator_token_id=separator_token_id)

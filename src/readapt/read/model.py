@@ -82,7 +82,7 @@ class ReadModel(AdapterSwitching, PeftSurface, PrecisionPolicy, SharedPass, Stac
         # tokenizer's into it), else the tokenizer's saved with the backbone, so a backbone loaded by hand gets the
         # READ model that `readapt train` builds on it
         config = config.resolved_for(info.family, separator_token_id(backbone, info.family, config),
-                                     width=info.stacks[-1].hidden_size)
+                                     width=info.stacks[-1].hidden_size, sequence_head=info.sequence_head)
         self.backbone = backbone
         self.read_config = config
         self.info: BackboneInfo = info

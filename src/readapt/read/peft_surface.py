@@ -162,7 +162,8 @@ class PeftSurface:
             raise ConfigError(f"an adapter named {adapter_name!r} is already loaded; delete it first or pick another name")
         config = peft_config.resolved_for(self.info.family, separator_token_id(self.backbone, self.info.family,
                                                                               peft_config),
-                                          width=self.info.stacks[-1].hidden_size)
+                                          width=self.info.stacks[-1].hidden_size,
+                                          sequence_head=self.info.sequence_head)
         heads = self._select_heads(self.backbone, self.info, config)
         self._check_same_attachment(config, {"head_modules": heads}, repr(adapter_name))
         read = self._side_networks(config).to(next(self.read.parameters()).device)

@@ -29,7 +29,8 @@ Layout: <cache dir>/<key>/
                      file size and sha256 of three 1 MiB blocks; build time
     index.json       per stream: token offset and length of every example
     stream-<k>.bin   raw values (float16, bfloat16 as uint16 bits since numpy has no bfloat16, or float32),
-                     read through numpy.memmap
+                     written and read by position (os.pwrite / os.preadv, not memory-mapped: the
+                     process's peak RSS stays training's own memory)
 Built in <key>.partial/ (fsynced, manifest last) and renamed into place, under a lock file: a killed writer
 leaves only a .partial, which is never read and is deleted by the next build. An entry whose files disagree
 with its manifest (a truncated file, a changed block) is rebuilt.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -142,6 +143,47 @@ class CachePlan:
                 "streams": [s.stack for s in self.streams]}
 
 
+class StreamFile:
+    """One stream file's values, read by position (os.preadv) instead of through a memory map: the pages an epoch
+    reads stay in the kernel's page cache and never join the process's resident set, so the process's peak RSS
+    is training's own memory, not the cache's size (a memory map counts every page it touched). The descriptor
+    is opened per process (a forked DataLoader worker opens its own) and is not pickled."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """`count` values from value `start` on."""
+        out = np.empty(count, dtype=self.dtype)
+        view, offset, done = memoryview(out).cast("B"), start * self.dtype.itemsize, 0
+        while done < len(view):
+            got = os.preadv(self._descriptor(), [view[done:]], offset + done)
+            if got <= 0:
+                raise RuntimeError(f"feature cache: {self.path} ends at byte {offset + done}, "
+                                   f"{len(view) - done} bytes short; delete the entry to rebuild it")
+            done += got
+        return out
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "dtype": self.dtype, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 class CacheEntry:
     """An entry on disk, opened for reading: per batch of example indices, zero-padded float32 states."""
 
@@ -153,7 +195,7 @@ class CacheEntry:
         self.storage, self.meaning = STORAGE[manifest["dtype"]]
         self.lengths = [np.asarray(s["lengths"], dtype=np.int64) for s in index["streams"]]
         self.offsets = [np.asarray(s["offsets"], dtype=np.int64) for s in index["streams"]]
-        self.maps = [np.memmap(path / s["file"], dtype=self.storage, mode="r") for s in manifest["streams"]]
+        self.files = [StreamFile(path / s["file"], self.storage) for s in manifest["streams"]]
         self.bytes = sum(s["bytes"] for s in manifest["streams"]) + (path / INDEX).stat().st_size
         self._compact: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}  # _first_token_arrays
 
@@ -167,13 +209,13 @@ class CacheEntry:
         if first_token:
             return self._first_token_batch(indices, pooled, second_text_starts)
         calls = []
-        for spec, lengths, offsets, values in zip(self.streams, self.lengths, self.offsets, self.maps, strict=True):
+        for spec, lengths, offsets, values in zip(self.streams, self.lengths, self.offsets, self.files, strict=True):
             slots, width = spec.slots, spec.hidden_size
             rows = lengths[list(indices)]
             padded = np.zeros((slots, len(indices), int(rows.max()), width), dtype=self.storage)
             for row, (index, length) in enumerate(zip(indices, rows, strict=True)):
                 start = int(offsets[index]) * slots * width
-                padded[:, row, :length] = values[start: start + slots * int(length) * width].reshape(slots, length, width)
+                padded[:, row, :length] = values.read(start, slots * int(length) * width).reshape(slots, length, width)
             stored = torch.from_numpy(padded).view(self.meaning).float()
             layers = spec.num_layers
             final = stored[layers] if spec.final else stored[layers - 1].clone()  # the side network normalises states in place
@@ -200,12 +242,12 @@ class CacheEntry:
         """Stream k's position-0 states of every example (E, slots, d) in the storage dtype and, with `pooled`,
         every layer's mean over the example's tokens (E, N, 1, d) in float32 (with `second_text_starts`: also
         the first and second texts' means, (E, N, 3, d), zero for no second text): gathered once per process, so
-        that an epoch reads a few rows per example instead of walking the memory map example by example. RAM cost:
+        that an epoch reads a few rows per example instead of reading the stream file example by example. RAM cost:
         E x d x (2 slots + 4 N) bytes for a float16 cache with "pooled" (all-MiniLM-L6-v2: about 14 KB per
         example; "segments": 32 KB)."""
         key = (k, pooled, second_text_starts is not None)
         if key not in self._compact:
-            spec, lengths, offsets, values = self.streams[k], self.lengths[k], self.offsets[k], self.maps[k]
+            spec, lengths, offsets, values = self.streams[k], self.lengths[k], self.offsets[k], self.files[k]
             slots, width, layers = spec.slots, spec.hidden_size, spec.num_layers
             if second_text_starts is not None and len(second_text_starts) != len(lengths):
                 raise RuntimeError(f"{len(second_text_starts)} second-text positions for {len(lengths)} cached examples")
@@ -214,10 +256,10 @@ class CacheEntry:
             means = np.zeros((len(lengths), layers, parts, width), dtype=np.float32) if pooled else None
             for index, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
                 start = int(offset) * slots * width
-                block = values[start: start + slots * int(length) * width].reshape(slots, int(length), width)
+                block = values.read(start, slots * int(length) * width).reshape(slots, int(length), width)
                 first[index] = block[:, 0]
                 if means is not None:
-                    states = torch.from_numpy(np.array(block[:layers])).view(self.meaning).float()  # (N, L, d)
+                    states = torch.from_numpy(block[:layers]).view(self.meaning).float()  # (N, L, d)
                     means[index, :, 0] = states.mean(1).numpy()
                     if parts == 3:
                         split = min(int(second_text_starts[index]), int(length))

@@ -183,6 +183,7 @@ class FeatureCache:
                 shutil.rmtree(leftover)
         partial.mkdir()
         started = time.perf_counter()
+        writer = None
         try:
             writer = _EntryWriter(partial, plan)
             order = list(range(plan.num_examples))
@@ -207,6 +208,8 @@ class FeatureCache:
             partial.rename(plan.path)
             fsync_directory(self.directory)
         except BaseException:
+            if writer is not None:
+                writer.close()
             shutil.rmtree(partial, ignore_errors=True)
             raise
         logger.info("feature cache %s: built %s (%.1f MB, %.1f s)", plan.label, plan.path,
@@ -222,10 +225,14 @@ class _EntryWriter:
         self.storage, self.meaning = STORAGE[plan.dtype]
         self.offsets = [np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64) for n in plan.lengths]
         self.files = [f"stream-{k}.bin" for k in range(len(plan.streams))]
-        self.maps = [
-            np.memmap(folder / name, dtype=self.storage, mode="w+", shape=(int(n.sum()) * s.slots * s.hidden_size,))
-            for name, s, n in zip(self.files, plan.streams, plan.lengths, strict=True)
-        ]
+        self.itemsize = np.dtype(self.storage).itemsize
+        # Written by position (os.pwrite), not through a writable memory map, whose dirty pages would count in the
+        # building process's resident set up to the entry's whole size.
+        self.descriptors = []
+        for name, s, n in zip(self.files, plan.streams, plan.lengths, strict=True):
+            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.descriptors.append(fd)
+            os.ftruncate(fd, int(n.sum()) * s.slots * s.hidden_size * self.itemsize)
         self.written = [np.zeros(plan.num_examples, dtype=bool) for _ in plan.streams]
 
     def recorder(self, indices: list[int]) -> _BatchRecorder:
@@ -258,26 +265,32 @@ class _EntryWriter:
         values = slots.cpu().view(torch.uint16 if self.meaning == torch.bfloat16 else self.meaning).numpy()
         width = spec.slots * spec.hidden_size
         for row, (index, length) in enumerate(zip(indices, lengths, strict=True)):
-            start = int(self.offsets[k][index]) * width
-            self.maps[k][start: start + int(length) * width] = values[:, row, :length].reshape(-1)
+            data = memoryview(np.ascontiguousarray(values[:, row, :length])).cast("B")
+            offset, done = int(self.offsets[k][index]) * width * self.itemsize, 0
+            while done < len(data):
+                done += os.pwrite(self.descriptors[k], data[done:], offset + done)
             self.written[k][index] = True
+
+    def close(self) -> None:
+        for fd in self.descriptors:
+            os.close(fd)
+        self.descriptors = []
 
     def finish(self, build_seconds: float) -> None:
         for k, written in enumerate(self.written):
             if not written.all():
                 raise RuntimeError(f"feature cache: {int((~written).sum())} examples of stream {k} were never written")
         streams = []
-        for name, spec, values, lengths in zip(self.files, self.plan.streams, self.maps, self.plan.lengths, strict=True):
-            values.flush()
+        for name, spec, fd, lengths in zip(self.files, self.plan.streams, self.descriptors, self.plan.lengths,
+                                           strict=True):
+            os.fsync(fd)
             path = self.folder / name
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
             size = path.stat().st_size
             streams.append({"file": name, "stack": spec.stack, "num_layers": spec.num_layers,
                             "hidden_size": spec.hidden_size, "final": spec.final, "embeddings": spec.embeddings,
                             "slots": spec.slots, "tokens": int(lengths.sum()), "bytes": size,
                             "checksums": _block_checksums(path, size)})
-        self.maps = []  # closes the memory maps
+        self.close()
         index = {"streams": [{"lengths": n.tolist(), "offsets": o.tolist()}
                              for n, o in zip(self.plan.lengths, self.offsets, strict=True)]}
         index_bytes = json.dumps(index, separators=(",", ":")).encode()
