@@ -279,12 +279,8 @@ def test_a_padded_batch_gets_the_corrections_of_its_rows_alone(options):
 def test_attention_dropout_is_its_own_setting_and_the_rest_keep_token_mixer_dropout():
     from readapt.read.side_network import TokenMixer
 
-    default = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2,
-                                       token_mixer_dropout=0.2), causal=False)
-    assert [layer.self_attn.dropout for layer in default.layers] == [0.0, 0.0]  # the default: fused attention
-    assert [layer.dropout1.p for layer in default.layers] == [0.2, 0.2]
-    shared = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2, token_mixer_dropout=0.2,
-                                      token_mixer_attention_dropout=None), causal=False)
+    shared = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2,
+                                      token_mixer_dropout=0.2), causal=False)
     assert [layer.self_attn.dropout for layer in shared.layers] == [0.2, 0.2]  # None: the same as the rest
     apart = TokenMixer(8, ReadConfig(hidden_size=8, token_mixer_layers=2, token_mixer_heads=2, token_mixer_dropout=0.2,
                                      token_mixer_attention_dropout=0.0), causal=False)
@@ -297,11 +293,3 @@ def test_attention_dropout_is_its_own_setting_and_the_rest_keep_token_mixer_drop
     for layer in apart.layers:
         layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.0
     assert torch.equal(apart(x, None), apart(x, None))
-
-
-def test_adapters_saved_before_attention_dropout_existed_keep_what_they_trained_with():
-    old = ReadConfig(hidden_size=16).to_dict()
-    assert old["token_mixer_attention_dropout"] == 0.0  # today's default
-    del old["token_mixer_attention_dropout"]
-    assert ReadConfig.from_dict(old).token_mixer_attention_dropout is None  # = token_mixer_dropout, as then
-    assert ReadConfig.from_dict({"hidden_size": 16}).token_mixer_attention_dropout == 0.0  # a user's options

@@ -114,13 +114,10 @@ class ReadConfig:
         "help": "the token mixer's feed-forward width, as a multiple of hidden_size"})
     token_mixer_dropout: float = field(default=0.1, metadata={
         "help": "dropout inside the token mixer's layers (feed-forward and residual branches; the attention weights "
-                "too when token_mixer_attention_dropout is None)"})
-    # 0 by default: without a dropout mask the attention runs fused (scaled_dot_product_attention), cached training
-    # takes 14 % less CPU and the MiniLM step ~0.1 x the forward less, at the same quality within noise (+0.6 +- 0.5
-    # over 5 GLUE tasks x 3 seeds; docs/results/mixer-dropout/).
-    token_mixer_attention_dropout: float | None = field(default=0.0, metadata={
-        "help": "dropout on the token mixer's attention weights (0: attention runs fused, without a dropout mask); "
-                "None: token_mixer_dropout"})
+                "too unless token_mixer_attention_dropout is set)"})
+    token_mixer_attention_dropout: float | None = field(default=None, metadata={
+        "help": "dropout on the token mixer's attention weights; None: token_mixer_dropout. 0 lets attention run "
+                "fused (scaled_dot_product_attention without a dropout mask)"})
     separator_token_id: int | None = field(default=None, metadata={
         "help": "the token that ends the first text ('segments' context); default: the backbone config's "
                 "sep_token_id (readapt's loader sets it from the tokenizer)"})
@@ -265,8 +262,6 @@ class ReadConfig:
             data["token_mixer_layers"] = 0  # saved before the token mixer existed: that adapter has none
         if saved and "compute_dtype" not in data:
             data["compute_dtype"] = "float32"  # saved before compute_dtype existed: its side network ran in float32
-        if saved and "token_mixer_attention_dropout" not in data:
-            data["token_mixer_attention_dropout"] = None  # saved before it existed: trained with token_mixer_dropout
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
