@@ -164,3 +164,44 @@ def test_hidden_size_auto_follows_the_backbone_width(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
     assert saved["config"]["hidden_size"] == 64
+
+
+def test_hidden_size_auto_grows_with_the_training_rows(tmp_path):
+    """Capacity that grows with data: above AUTO_LARGE_DATA_ROWS training rows auto r is the width / 1.5; an explicit
+    hidden_size wins; the saved adapter holds the number, so loading never needs the rows."""
+    from readapt.read.config import AUTO_LARGE_DATA_ROWS, auto_hidden_size
+
+    large = AUTO_LARGE_DATA_ROWS + 1
+    assert auto_hidden_size(384, AUTO_LARGE_DATA_ROWS) == auto_hidden_size(384) == 64
+    assert [auto_hidden_size(d, large) for d in (32, 384, 768, 4096)] == [64, 256, 512, 512]
+    assert ReadConfig(train_rows=large).resolved_for("encoder-only", width=384).hidden_size == 256
+    assert ReadConfig(hidden_size=16, train_rows=large).resolved_for("encoder-only", width=384).hidden_size == 16
+    model = get_read_model(tiny_backbone("bert"), ReadConfig(train_rows=large))
+    assert model.read_config.hidden_size == model.read["encoder"].rnn.hidden_size == 64  # 32 wide: the floor
+    with pytest.raises(ConfigError, match="train_rows=0 is invalid"):
+        ReadConfig(train_rows=0)
+
+
+def test_readapt_train_sizes_reads_auto_settings_for_the_rows_it_trains_on(tiny_models, tmp_path, monkeypatch):
+    """The method tells the recipe which options the data size sets (READ: train_rows, the rows left after the
+    selection split); the adapter records them; a user's own option wins."""
+    from readapt.methods import get_method
+    from readapt.read import config as read_config
+    from readapt.recipe import DataConfig, TrainingConfig, train
+
+    assert get_method("full").default_options(123) == {}
+    for name, rows in (("train", 20), ("dev", 4)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": "good plot" if i % 2 else "bad movie", "label": i % 2}) + "\n"
+                         for i in range(rows))
+    monkeypatch.setattr(read_config, "AUTO_LARGE_DATA_ROWS", 10)  # 16 rows count as large here
+    monkeypatch.setattr(read_config, "AUTO_HIDDEN_DIVISOR_LARGE", 0.25)  # the 32-wide tiny BERT: r = 128
+    for options, rows, width in (({}, 16, 128), ({"train_rows": 5}, 5, 64)):
+        out = tmp_path / f"run-{rows}"
+        train(TrainingConfig(
+            data=DataConfig(train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "dev.jsonl"),
+                            text_columns=["text"], selection_fraction=0.2),
+            model=str(tiny_models["bert"]), epochs=1, batch_size=8, max_length=8, progress=False,
+            output_dir=str(out), method_options=options))
+        saved = json.loads((out / "adapter" / CONFIG_NAME).read_text())["config"]
+        assert (saved["train_rows"], saved["hidden_size"]) == (rows, width)

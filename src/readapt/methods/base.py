@@ -42,6 +42,11 @@ class Method:
         """The epoch budget `readapt train` uses when --epochs is not given."""
         return 3
 
+    def default_options(self, train_rows: int) -> dict[str, Any]:
+        """Options `readapt train` adds for a training set of `train_rows` rows (the user's own take precedence;
+        the run records them as its settings)."""
+        return {}
+
     def feature_cache_problem(self, options: dict[str, Any]) -> str | None:
         """Why the backbone's hidden states cannot be computed once and replayed with these options (the end of
         "--cache-features needs ..."); None when they can (readapt.read.cache)."""

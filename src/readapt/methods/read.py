@@ -36,6 +36,9 @@ class ReadMethod(Method):
         # data sets get more passes; the selection split (or dev) picks the epoch.
         return 10 if train_rows <= 2000 else 5 if train_rows <= 10000 else 3
 
+    def default_options(self, train_rows: int) -> dict:
+        return {"train_rows": train_rows}  # what the auto width is sized for (ReadConfig.train_rows)
+
     def feature_cache_problem(self, options):
         if ReadConfig.from_dict(options).couple_encoder:
             return ("decoupled READ: with --couple-encoder the backbone decoder consumes the trained encoder "

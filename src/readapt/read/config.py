@@ -34,12 +34,21 @@ AUTO_TOKEN_MIXER_LAYERS = 2
 # 384-wide default backbone r = 64 matched r = 256 (docs/results/read-recipe-cpu/, ablation) and is the token
 # mixer's measured width; the side network's FLOPs then stay a small share of the backbone's at every width.
 AUTO_HIDDEN_DIVISOR, AUTO_HIDDEN_MULTIPLE, AUTO_HIDDEN_RANGE = 6, 32, (64, 512)
+# Capacity that grows with data: trained on more than AUTO_LARGE_DATA_ROWS rows (ReadConfig.train_rows, which
+# `readapt train` fills in), auto r is the width / AUTO_HIDDEN_DIVISOR_LARGE instead (256 on the 384-wide default
+# backbone). On SST-2, 3 seeds, r = 256 against 64: +1.1 at 8,000 rows (83.7 vs 82.6) and +1.4 at 1,600, at ~3.3x
+# the training CPU; 4 mixer layers or r = 128 gained nothing (docs/results/read-capacity/). The threshold keeps
+# small sets (where r = 64 matched r = 256) and the README's 3,600-row main job at the cheap width.
+AUTO_LARGE_DATA_ROWS, AUTO_HIDDEN_DIVISOR_LARGE = 4000, 1.5
 
 
-def auto_hidden_size(width: int) -> int:
-    """The side network's width r for a backbone `width` d wide when ReadConfig.hidden_size is None (auto)."""
+def auto_hidden_size(width: int, train_rows: int | None = None) -> int:
+    """The side network's width r for a backbone `width` d wide when ReadConfig.hidden_size is None (auto), trained
+    on `train_rows` rows (None: sized for small data)."""
     low, high = AUTO_HIDDEN_RANGE
-    return min(high, max(low, math.ceil(width / AUTO_HIDDEN_DIVISOR / AUTO_HIDDEN_MULTIPLE) * AUTO_HIDDEN_MULTIPLE))
+    large = train_rows is not None and train_rows > AUTO_LARGE_DATA_ROWS
+    divisor = AUTO_HIDDEN_DIVISOR_LARGE if large else AUTO_HIDDEN_DIVISOR
+    return min(high, max(low, math.ceil(width / divisor / AUTO_HIDDEN_MULTIPLE) * AUTO_HIDDEN_MULTIPLE))
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -61,7 +70,11 @@ class ReadConfig:
     # Every field's help text is in its metadata (PEFT-style); the CLI's READ flags are generated from it.
     hidden_size: int | None = field(default=None, metadata={
         "help": "the side network's width r (RNN hidden size); None: auto = the backbone width / 6 rounded up to a "
-                "multiple of 32, within [64, 512] (64 on a 384-wide backbone, 128 on a 768-wide one)"})
+                "multiple of 32, within [64, 512] (64 on a 384-wide backbone, 128 on a 768-wide one); width / 1.5 "
+                f"(256, 512) when train_rows > {AUTO_LARGE_DATA_ROWS}"})
+    train_rows: int | None = field(default=None, metadata={
+        "help": "how many training rows the auto settings are sized for (readapt train: the rows it trains on); "
+                "None: small data"})
     rnn_type: str = field(default="gru", metadata={
         "help": "the recurrent cell across the layers; mlp = the non-recurrent ablation", "choices": RNN_TYPES})
     num_rnn_layers: int = field(default=1, metadata={"help": "stacked RNN layers"})
@@ -160,9 +173,9 @@ class ReadConfig:
         _choice("h0", self.h0, H0_MODES)
         _choice("sequence_context", self.sequence_context, SEQUENCE_CONTEXTS)
         for name in ("hidden_size", "num_rnn_layers", "recompute_chunk_tokens", "token_mixer_heads",
-                     "token_mixer_ffn_multiple"):
+                     "token_mixer_ffn_multiple", "train_rows"):
             value = getattr(self, name)
-            if name in ("hidden_size", "recompute_chunk_tokens") and value is None:
+            if name in ("hidden_size", "recompute_chunk_tokens", "train_rows") and value is None:
                 continue  # auto: resolved against the backbone's width (resolved_for) / the free memory
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ReadConfig.{name}={value!r} is invalid; it must be an integer >= 1")
@@ -228,7 +241,7 @@ class ReadConfig:
         `separator_token_id` (the backbone's) when not set; saved adapters hold the result."""
         config = self
         if config.hidden_size is None and width is not None:
-            config = dataclasses.replace(config, hidden_size=auto_hidden_size(width))
+            config = dataclasses.replace(config, hidden_size=auto_hidden_size(width, config.train_rows))
         if config.token_mixer_layers is None:
             mixes = family == "encoder-only" or (family == "decoder-only" and sequence_head)
             layers = AUTO_TOKEN_MIXER_LAYERS if mixes else 0

@@ -62,6 +62,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     task, train_examples, dev_examples = load_task_data(config.data, config.seed)
     if config.epochs is None:  # the method's budget for this many rows, recorded as the run's own setting
         config.epochs = method.default_epochs(len(train_examples))
+    config.method_options = {**method.default_options(len(train_examples)), **config.method_options}
     fingerprint = run_fingerprint(config, train_examples, dev_examples, processes)
     finished = finished_run(Path(config.output_dir), fingerprint)
     if finished is not None and not config.overwrite:
