@@ -37,7 +37,8 @@ AUTO_HIDDEN_DIVISOR, AUTO_HIDDEN_MULTIPLE, AUTO_HIDDEN_RANGE = 6, 32, (64, 512)
 # Capacity that grows with data: trained on more than AUTO_LARGE_DATA_ROWS rows (ReadConfig.train_rows, which
 # `readapt train` fills in), auto r is the width / AUTO_HIDDEN_DIVISOR_LARGE instead (256 on the 384-wide default
 # backbone). On SST-2, 3 seeds, r = 256 against 64: +1.1 at 8,000 rows (83.7 vs 82.6) and +1.4 at 1,600, at ~3.3x
-# the training CPU; 4 mixer layers or r = 128 gained nothing (docs/results/read-capacity/). The threshold keeps
+# the training CPU; at 8,000 rows 4 mixer layers or r = 128 gained nothing (4 mixer layers gained +1.6 at 1,600
+# rows: the next rule to test; docs/results/read-capacity/). The threshold keeps
 # small sets (where r = 64 matched r = 256) and the README's 3,600-row main job at the cheap width.
 AUTO_LARGE_DATA_ROWS, AUTO_HIDDEN_DIVISOR_LARGE = 4000, 1.5
 
@@ -71,7 +72,7 @@ class ReadConfig:
     hidden_size: int | None = field(default=None, metadata={
         "help": "the side network's width r (RNN hidden size); None: auto = the backbone width / 6 rounded up to a "
                 "multiple of 32, within [64, 512] (64 on a 384-wide backbone, 128 on a 768-wide one); width / 1.5 "
-                f"(256, 512) when train_rows > {AUTO_LARGE_DATA_ROWS}"})
+                f"(256 and 512 on those) when train_rows > {AUTO_LARGE_DATA_ROWS}"})
     train_rows: int | None = field(default=None, metadata={
         "help": "how many training rows the auto settings are sized for (readapt train: the rows it trains on); "
                 "None: small data"})
