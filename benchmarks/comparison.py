@@ -210,6 +210,7 @@ def row(record: dict, phase: str) -> dict:
         "train_rows": record["train_examples"], "score": record["score"], "selection_score": record["selection_score"],
         "main_metric": record["main_metric"], "best_epoch": record["best_epoch"], "epochs": record["epochs"],
         "learning_rate": record["learning_rate"], "train_cpu_seconds": record["train_cpu_seconds"],
+        "cache_build_cpu_seconds": record.get("cache_build_cpu_seconds"),
         "train_seconds": record["train_seconds"], "peak_memory_mb": record["peak_memory_mb"],
         "memory_meter": record["memory_meter"], "trainable_parameters": record["trainable_params"],
         "method_options": record.get("method_options", {}), "threads": record.get("threads"),

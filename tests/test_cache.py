@@ -240,6 +240,8 @@ def test_training_from_float32_cache_matches_live(kind, tiny_models, tmp_path, s
     assert cache["dtype"] == "float32" and not cache["reused"] and cache["bytes"] > 0
     assert set(cache["entries"]) == {"train", "dev validation"}
     assert metrics["epochs"][0]["epoch_train_seconds"] >= cache["build_seconds"]  # building counts as epoch 1
+    assert 0 < cache["build_cpu_seconds"] <= metrics["epochs"][0]["epoch_train_cpu_seconds"]
+    assert cache["build_cpu_seconds"] == pytest.approx(sum(e["build_cpu_seconds"] for e in cache["entries"].values()))
     assert live_metrics["feature_cache"] is None
 
 

@@ -83,6 +83,8 @@ def run_training(spec: dict) -> dict[str, Any]:
         "energy_j": reading.joules, "energy_meter": reading.meter, "energy_measured": reading.measured,
         "energy_detail": reading.detail,
         "train_seconds": metrics["train_seconds"], "train_cpu_seconds": metrics["train_cpu_seconds"],
+        # the feature cache's build (every split's entry), part of train_cpu_seconds (epoch 1 builds it)
+        "cache_build_cpu_seconds": (metrics["feature_cache"] or {}).get("build_cpu_seconds"),
         "wall_seconds": metrics["wall_seconds"],
         "trainable_params": metrics["trainable_parameters"], "trainable_percent": metrics["trainable_percent"],
         "backbone_params": metrics["backbone_parameters"],

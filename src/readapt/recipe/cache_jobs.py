@@ -79,6 +79,7 @@ class CacheJobs:
             "directory": str(self.cache.directory), "dtype": self.cache.dtype,
             "bytes": sum(p.entry.bytes for p in plans if p.entry is not None),
             "reused": all(p.reused for p in plans), "build_seconds": sum(p.build_seconds for p in plans),
+            "build_cpu_seconds": sum(p.build_cpu_seconds for p in plans),
             "fingerprint_seconds": self.cache.fingerprint_seconds,
             "entries": {p.label: p.summary() for p in plans},
         }

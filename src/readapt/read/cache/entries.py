@@ -126,6 +126,7 @@ class CachePlan:
     entry: CacheEntry | None = None
     reused: bool = False
     build_seconds: float = 0.0  # time to build the entry, or to check and open it when reused
+    build_cpu_seconds: float = 0.0  # the same in process CPU time (all threads; not inflated by other load)
 
     @property
     def num_examples(self) -> int:
@@ -140,6 +141,7 @@ class CachePlan:
     def summary(self) -> dict[str, Any]:
         return {"key": self.key, "path": str(self.path), "bytes": self.entry.bytes if self.entry else None,
                 "examples": self.num_examples, "reused": self.reused, "build_seconds": self.build_seconds,
+                "build_cpu_seconds": self.build_cpu_seconds,
                 "streams": [s.stack for s in self.streams]}
 
 

@@ -120,7 +120,7 @@ class FeatureCache:
         """Open the plan's entry if a valid one exists, else build it: `run_forward(batch)` must make exactly
         the stack calls of the plan (same order) on a batch collated from `features` by `collate`. Builds go in
         batches of `batch_size` examples, longest first (less padding) unless `sort_by_length` is False."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         self.directory.mkdir(parents=True, exist_ok=True)
         with _locked(self.directory / f"{plan.key}.lock"):
             problem = self._problem(plan)
@@ -133,6 +133,7 @@ class FeatureCache:
                 self._build(plan, run_forward, features, collate, batch_size, device, sort_by_length, progress)
                 plan.entry, plan.reused = self._open(plan), False
         plan.build_seconds = time.perf_counter() - started
+        plan.build_cpu_seconds = time.process_time() - started_cpu
         return plan.entry
 
     def _open(self, plan: CachePlan) -> CacheEntry:
