@@ -293,3 +293,35 @@ def test_attention_dropout_is_its_own_setting_and_the_rest_keep_token_mixer_drop
     for layer in apart.layers:
         layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.0
     assert torch.equal(apart(x, None), apart(x, None))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_dropout_hides_keys_in_training_only_and_keeps_each_rows_first_real_token(causal):
+    config = ReadConfig(hidden_size=8, token_mixer_layers=1, token_mixer_heads=2, token_mixer_dropout=0.0,
+                        token_mixer_key_dropout=0.999)
+    torch.manual_seed(0)
+    mixer = TokenMixer(8, config, causal=causal)
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1] if causal else [1, 1, 1, 1, 0, 0]])
+    dropped = mixer._dropped_keys(2, 6, x.device, mask)
+    assert not dropped[0, 0] and not dropped[1, 2 if causal else 0] and dropped.sum() >= 8
+    # every other key hidden: a token's input reaches the other tokens' outputs only as their first real token
+    # (or, causal, each query's own key); a later token's does not
+    changed = x.clone()
+    changed[:, 3] += torch.randn(8)
+    torch.manual_seed(1)
+    out = mixer(x, mask)
+    torch.manual_seed(1)
+    out_changed = mixer(changed, mask)
+    others = [0, 1, 2, 5] if causal else [0, 1, 2]
+    torch.testing.assert_close(out[0, others], out_changed[0, others], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0, 3], out_changed[0, 3])
+    assert torch.isfinite(out).all()
+    # evaluation hides nothing: the same as a mixer without key dropout
+    plain = TokenMixer(8, dataclasses.replace(config, token_mixer_key_dropout=0.0), causal=causal)
+    plain.load_state_dict(mixer.state_dict())
+    mixer.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x, mask)[0], plain(x, mask)[0])
+    with pytest.raises(ConfigError, match="token_mixer_key_dropout"):
+        ReadConfig(token_mixer_key_dropout=1.0)

@@ -132,6 +132,10 @@ class ReadConfig:
     token_mixer_attention_dropout: float | None = field(default=None, metadata={
         "help": "dropout on the token mixer's attention weights; None: token_mixer_dropout. 0 lets attention run "
                 "fused (scaled_dot_product_attention without a dropout mask)"})
+    token_mixer_key_dropout: float = field(default=0.0, metadata={
+        "help": "in training, the chance that a token is hidden as a key from every query of one token-mixer layer "
+                "(a fresh draw per layer; padding and the query itself stay as they are): a regulariser that keeps "
+                "attention fused, unlike token_mixer_attention_dropout"})
     separator_token_id: int | None = field(default=None, metadata={
         "help": "the token that ends the first text ('segments' context); default: the backbone config's "
                 "sep_token_id (readapt's loader sets it from the tokenizer)"})
@@ -187,7 +191,7 @@ class ReadConfig:
         if layers and self.hidden_size is not None and self.hidden_size % self.token_mixer_heads:
             raise ConfigError(f"ReadConfig.token_mixer_heads={self.token_mixer_heads} does not divide hidden_size="
                               f"{self.hidden_size}: every attention head needs an equal share of the width")
-        for name in ("token_mixer_dropout", "token_mixer_attention_dropout"):
+        for name in ("token_mixer_dropout", "token_mixer_attention_dropout", "token_mixer_key_dropout"):
             value = getattr(self, name)
             if value is None and name == "token_mixer_attention_dropout":
                 continue

@@ -137,8 +137,9 @@ class EncoderContext(nn.Module):
 class TokenMixer(nn.Module):
     """Pre-norm transformer encoder layers (torch's own) over the tokens' side-network summaries in width r, then a
     LayerNorm: what lets READ's correction of one token (BERT's [CLS]) read the others' frozen states. Padding keys
-    are masked; a causal stack's tokens attend to themselves and earlier tokens only. Every position also attends
-    to itself, so a padding query (left padding, causal) never has an empty row (NaN) that could reach the rest."""
+    are masked; a causal stack's tokens attend to themselves and earlier tokens only. On a causal stack every
+    position also attends to itself, so a padding query (left padding) never has an empty row (NaN) that could
+    reach the rest. In training `token_mixer_key_dropout` hides random tokens as keys, per layer."""
 
     def __init__(self, width: int, config: ReadConfig, causal: bool):
         super().__init__()
@@ -151,26 +152,42 @@ class TokenMixer(nn.Module):
         attention_dropout = config.token_mixer_attention_dropout
         for layer in self.layers if attention_dropout is not None else ():
             layer.self_attn.dropout = attention_dropout  # what MultiheadAttention passes as the SDPA dropout_p
+        self.key_dropout = config.token_mixer_key_dropout
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         # x (B, T, r); token_mask (B, T), 1 = real token, None: every position is real
         batch, tokens, _ = x.shape
-        if not self.causal and (token_mask is None or bool(token_mask.all())):
-            # Nothing to block (no padding, not causal): no (B * heads, T, T) mask to build, convert and add
+        padding = None if token_mask is None or bool(token_mask.all()) else \
+            ~token_mask.to(device=x.device, dtype=torch.bool)  # (B, T), True = padding
+        dropping = self.training and self.key_dropout > 0
+        if not self.causal:
+            # A (B, T) key mask, which attention broadcasts over heads and queries (it stays on the fused kernel):
+            # a real query always has a real key left (a row's first real token is never hidden), and a padding
+            # query's output is read by nothing (padding is never a key)
             for layer in self.layers:
-                x = layer(x)
+                hidden = padding
+                if dropping:
+                    hidden = self._dropped_keys(batch, tokens, x.device, token_mask)
+                    hidden = hidden if padding is None else hidden | padding
+                x = layer(x, src_key_padding_mask=hidden)
             return self.norm(x)
-        allowed = torch.ones(batch, tokens, tokens, dtype=torch.bool, device=x.device)
-        if token_mask is not None:
-            allowed &= token_mask.to(device=x.device, dtype=torch.bool)[:, None, :]
-        if self.causal:
-            allowed &= torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
-        allowed |= torch.eye(tokens, dtype=torch.bool, device=x.device)
-        blocked = (~allowed).repeat_interleave(self.heads, dim=0)  # (B * heads, T, T), True = may not attend
+        allowed = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril().expand(batch, -1, -1)
+        if padding is not None:
+            allowed = allowed & ~padding[:, None, :]
         for layer in self.layers:
-            x = layer(x, src_mask=blocked)
+            mine = allowed & ~self._dropped_keys(batch, tokens, x.device, token_mask)[:, None, :] if dropping \
+                else allowed
+            mine = mine | torch.eye(tokens, dtype=torch.bool, device=x.device)  # a query always sees itself
+            x = layer(x, src_mask=(~mine).repeat_interleave(self.heads, dim=0))  # (B * heads, T, T), True = blocked
         return self.norm(x)
+
+    def _dropped_keys(self, batch: int, tokens: int, device, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T), True = hidden as a key in this layer; a row's first real token never is."""
+        dropped = torch.rand(batch, tokens, device=device) < self.key_dropout
+        first = 0 if token_mask is None else token_mask.to(device=device).int().argmax(dim=1)
+        dropped[torch.arange(batch, device=device), first] = False
+        return dropped
 
 
 class _Correction(nn.Module):
