@@ -53,6 +53,20 @@ def test_step_time_benchmark_runs(tmp_path, capsys):
     assert json.loads((tmp_path / "step_time.json").read_text())["meter"] == results["meter"]
 
 
+def test_inference_time_benchmark_runs(tmp_path, capsys):
+    results = _load("inference_time").main(["--tiny", "--repeats", "1", "--json", str(tmp_path / "inference.json")])
+    assert set(results["cases"]) == {"minilm", "minilm-cls", "t5-base"}
+    for case, record in results["cases"].items():
+        assert set(record["batches"]) == ({1, 8} if case == "t5-base" else {1, 32})
+        for figures in record["batches"].values():
+            assert figures["ratio"] > 0 and figures["seconds"]["backbone"] > 0 and figures["seconds"]["read"] > 0
+    assert results["cases"]["minilm"]["config"]["token_mixer_layers"] == 2
+    assert results["cases"]["minilm-cls"]["config"]["token_mixer_layers"] == 0
+    assert results["cases"]["t5-base"]["config"]["stacks"] == ["encoder", "decoder"]
+    assert "per new token" in capsys.readouterr().out
+    assert json.loads((tmp_path / "inference.json").read_text())["meter"] == results["meter"]
+
+
 @needs_real_glue
 def test_label_word_scoring_benchmark_runs(tiny_models, capsys):
     results = _load("label_word_scoring").main(["--data-dir", str(REAL_GLUE_DIR), "--model", str(tiny_models["gpt2-lm"]),
