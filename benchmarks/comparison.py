@@ -256,6 +256,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _task_means(rows: list[dict], method: str) -> dict[str, float]:
+    by_task: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] == method:
+            by_task.setdefault(r["task"], []).append(r["score"])
+    return {t: statistics.mean(v) for t, v in by_task.items()}
+
+
+def curve_table(curve: list[dict]) -> str:
+    """The SST-2 learning curve: mean ± std per method and size, and READ − full at each size."""
+    sizes = sorted({r["train_rows"] for r in curve})
+    if not sizes:
+        return ""
+    lines = ["### SST-2 learning curve (dev accuracy)", "", "| method | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+             "|---" * (len(sizes) + 1) + "|"]
+    means: dict[str, dict[int, float]] = {}
+    for method in CURVE_METHODS:
+        cells = {n: [r["score"] for r in curve if r["method"] == method and r["train_rows"] == n] for n in sizes}
+        if any(cells.values()):
+            means[method] = {n: statistics.mean(v) for n, v in cells.items() if v}
+            lines.append(f"| {method} | " + " | ".join(
+                _mean_std(v) + (f" ({len(v)} seed{'s' if len(v) > 1 else ''})" if v else "") for v in cells.values())
+                + " |")
+    if "read" in means and "full" in means:
+        lines.append("| READ − full | " + " | ".join(
+            f"{means['read'][n] - means['full'][n]:+.1f}" if n in means["read"] and n in means["full"] else "—"
+            for n in sizes) + " |")
+    return "\n".join(lines + [""])
+
+
+def goals(runs: list[dict], curve: list[dict]) -> str:
+    """Issue 19's goals, from the records so far: each says on which tasks it was computed, so a partial result
+    reads as one."""
+    lines = ["### The goals (issue 19), from the cells run so far", ""]
+    for phase, title in (("small", f"{SMALL_ROWS:,} rows"), ("full", "full training sets")):
+        subset = [r for r in runs if r["phase"] == phase]
+        read = _task_means(subset, "read")
+        for other in (m for m in METHODS if m != "read"):
+            theirs = _task_means(subset, other)
+            common = [t for t in TASKS if t in read and t in theirs]
+            if not common:
+                continue
+            gap = statistics.mean(read[t] for t in common) - statistics.mean(theirs[t] for t in common)
+            goal = (f"within 1.0: {'met' if gap >= -1.0 else 'missed'}" if other == "full"
+                    else f"at or above: {'met' if gap >= 0 else 'missed'}")
+            lines.append(f"- {title}: READ − {other} = **{gap:+.2f}** on {len(common)} of {len(TASKS)} tasks "
+                         f"({', '.join(common)}); goal {goal}")
+    full_set = [r for r in runs if r["phase"] == "full"]
+    cpu = {m: {t: statistics.mean(r["train_cpu_seconds"] for r in full_set if r["method"] == m and r["task"] == t)
+               for t in TASKS if any(r["method"] == m and r["task"] == t for r in full_set)} for m in ("read", "full")}
+    common = [t for t in TASKS if t in cpu["read"] and t in cpu["full"]]
+    if common:
+        ratio = sum(cpu["read"][t] for t in common) / sum(cpu["full"][t] for t in common)
+        lines.append(f"- full training sets: READ's train CPU seconds (its feature-cache build included) / full "
+                     f"fine-tuning's = **{ratio:.2f}** summed over {', '.join(common)}; goal ≤ 0.15: "
+                     f"{'met' if ratio <= 0.15 else 'missed'}")
+    gap = {n: statistics.mean(r["score"] for r in curve if r["method"] == "read" and r["train_rows"] == n)
+           - statistics.mean(r["score"] for r in curve if r["method"] == "full" and r["train_rows"] == n)
+           for n in (400, SST2_FULL_ROWS) if all(any(r["method"] == m and r["train_rows"] == n for r in curve)
+                                                for m in ("read", "full"))}
+    if len(gap) == 2:
+        lines.append(f"- SST-2 curve: READ − full = {gap[SST2_FULL_ROWS]:+.1f} at {SST2_FULL_ROWS:,} rows against "
+                     f"{gap[400]:+.1f} at 400; goal no worse: {'met' if gap[SST2_FULL_ROWS] >= gap[400] else 'missed'}")
+    return "\n".join(lines + [""]) if len(lines) > 2 else ""
+
+
 def second_table(second: list[dict], runs: list[dict]) -> str:
     """SmolLM2-135M's runs by variant, then the paper's trade: READ on the bigger frozen backbone against full
     fine-tuning of the default backbone on the same rows (score and peak training memory)."""
@@ -344,7 +410,8 @@ def report(phases: dict[str, list[BenchConfig]], out: Path, chosen_lr: dict[str,
     write_jsonl(out / "second_backbone.jsonl", second)
     chosen = "\n".join(f"- {m}: {lr:g}" for m, lr in sorted((chosen_lr or {}).items())) or "- (sweep not finished)"
     atomic_write_text(out / "table.md", f"## Learning rates chosen by the sweep (best mean selection score)\n\n{chosen}"
-                                        f"\n\n{table(runs)}\n{second_table(second, runs)}")
+                                        f"\n\n{goals(runs, curve)}\n{table(runs)}\n{curve_table(curve)}\n"
+                                        f"{second_table(second, runs)}")
     plots(runs, curve, out)
     return {"runs": len(runs), "sweep": len(sweep), "curve": len(curve), "second": len(second)}
 

@@ -94,3 +94,25 @@ def test_second_backbone_table_sets_read_on_smollm2_against_full_on_the_default_
     assert "| read | 80.0 | 80.0 | 80.0 | 1 |" in text
     assert "| sst2 | read on SmolLM2-135M | 80.0 | 1700 | full fine-tuning of all-MiniLM-L6-v2 | 79.0 | 1650 |" in text
     assert script.second_table([], runs) == ""
+
+
+def test_goals_say_on_which_tasks_they_were_computed_and_whether_each_is_met():
+    script = _script()
+    def rec(phase, task, method, score, cpu=10.0, rows=1000):
+        return {"phase": phase, "task": task, "method": method, "seed": 1, "score": score, "train_rows": rows,
+                "train_cpu_seconds": cpu}
+    runs = [rec("small", t, "read", 70.0) for t in script.TASKS] + [rec("small", t, "full", 70.5) for t in script.TASKS]
+    runs += [rec("small", "cola", "lora", 71.0)]  # one task only: the comparison says so
+    runs += [rec("full", "cola", "read", 50.0, cpu=10.0), rec("full", "cola", "full", 53.0, cpu=100.0),
+             rec("full", "sst2", "read", 80.0, cpu=30.0)]  # sst2 has no full fine-tuning yet: left out of the ratio
+    curve = [rec("curve", "sst2", m, s, rows=n) for m, n, s in
+             (("read", 400, 74.0), ("full", 400, 75.0), ("read", 8000, 84.0), ("full", 8000, 86.0))]
+    text = script.goals(runs, curve)
+    assert "1,000 rows: READ − full = **-0.50** on 5 of 5 tasks" in text and "goal within 1.0: met" in text
+    assert "READ − lora = **-1.00** on 1 of 5 tasks (cola); goal at or above: missed" in text
+    assert "full training sets: READ − full = **-3.00** on 1 of 5 tasks (cola); goal within 1.0: missed" in text
+    assert "= **0.10** summed over cola; goal ≤ 0.15: met" in text
+    assert "READ − full = -2.0 at 8,000 rows against -1.0 at 400; goal no worse: missed" in text
+    table = script.curve_table(curve)
+    assert "| read | 74.0 (1 seed) | 84.0 (1 seed) |" in table and "| READ − full | -1.0 | -2.0 |" in table
+    assert script.goals([], []) == "" and script.curve_table([]) == ""
